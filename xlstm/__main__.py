@@ -1,0 +1,5 @@
+import sys
+
+from xlstm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""Input validation shared by every layer: rank, shape, dtype, backend, finiteness.
+
+Each failure raises ``InputError`` (a ``ValueError``) naming the argument, what was expected
+and what came in, so no input is ever computed on silently wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,
+             shape: tuple | None = None, finite: bool = True, dims: str = ""):
+    """``a`` as an array of ``backend``, checked.
+
+    dtype: required dtype (float arrays of another float dtype are refused, not cast, so a
+        float64 model never silently runs on float32 data); ints/lists are converted.
+    ndim / shape: expected rank / shape (None entries in ``shape`` match anything);
+    dims: names of the axes for messages, e.g. "[T,B,D]".
+    finite: refuse NaN and Inf.
+    """
+    if a is None:
+        raise InputError(f"{name} is None; expected an array {dims}".rstrip())
+    if _is_cupy(a) and backend.name != "cupy":
+        raise InputError(f"{name} is a cupy (GPU) array but the model lives on the '{backend.name}' "
+                         f"backend; move the model with .to('cupy') or the array with .get()")
+    if not _is_cupy(a) and not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+        if a.dtype == object:
+            raise InputError(f"{name} could not be read as a numeric array (ragged or non-numeric)")
+        if dtype is not None and a.dtype.kind in "iub":
+            a = a.astype(dtype)
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise InputError(f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)} (the model's dtype); "
+                         f"convert it with .astype('{np.dtype(dtype)}') or build the model with dtype='{a.dtype}'")
+    if ndim is not None and a.ndim != ndim:
+        raise InputError(f"{name} must have {ndim} dimensions {dims}, got shape {tuple(a.shape)}".replace("  ", " "))
+    if shape is not None:
+        if len(shape) != a.ndim or any(s is not None and s != t for s, t in zip(shape, a.shape)):
+            want = tuple("*" if s is None else s for s in shape)
+            raise InputError(f"{name} has shape {tuple(a.shape)}, expected {want} {dims}".rstrip())
+    a = backend.asarray(a)
+    if finite and a.dtype.kind == "f" and a.size and not bool(backend.xp.isfinite(a).all()):
+        raise InputError(f"{name} contains NaN or Inf; clean the data (or check the previous layer) first")
+    return a

@@ -1,0 +1,97 @@
+"""The ``xlstm`` command: ``xlstm info``, ``xlstm --version`` and the subcommands below.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up, importing a module when its command runs.
+Bad input exits with code 2 and a one-line message, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "info": ("xlstm.cli", "show the version, the backends usable here and why any is not"),
+    "gradcheck": ("xlstm.cli", "finite-difference check of every gradient of a small float64 LSTM"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    if parser.prog.endswith("gradcheck"):
+        parser.add_argument("--layers", type=int, default=2)
+        parser.add_argument("--bidirectional", action="store_true")
+        parser.add_argument("--hidden", type=int, default=4)
+        parser.add_argument("--input", type=int, default=3)
+        parser.add_argument("--seq-len", type=int, default=5)
+        parser.add_argument("--batch", type=int, default=3)
+        parser.add_argument("--layer-norm", action="store_true")
+
+
+def run(args) -> int:
+    if args.command == "info":
+        return _info()
+    return _gradcheck(args)
+
+
+def _info() -> int:
+    import numpy as np
+
+    import xlstm
+    from xlstm.backends import cupy_unavailable_reason
+
+    print(f"xlstm {xlstm.__version__}  (numpy {np.__version__}, python {sys.version.split()[0]})")
+    print("backends:")
+    print("  numpy  available")
+    reason = cupy_unavailable_reason()
+    print("  cupy   available" if reason is None else f"  cupy   unavailable: {reason}")
+    return 0
+
+
+def _gradcheck(args) -> int:
+    import numpy as np
+
+    from xlstm import LSTM
+    from xlstm.gradcheck import gradcheck_lstm
+
+    lstm = LSTM(args.input, args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
+                layer_norm=args.layer_norm, dtype="float64", seed=0, backend="numpy")
+    x = np.random.default_rng(0).standard_normal((args.seq_len, args.batch, args.input))
+    report = gradcheck_lstm(lstm, x)
+    print(f"{lstm}\n{report}")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import xlstm
+
+    parser = argparse.ArgumentParser(prog="xlstm", description="xlstm: an LSTM with explicit BPTT on NumPy or CuPy")
+    parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    from xlstm.errors import XlstmError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except XlstmError as e:
+        print(f"xlstm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xlstm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
