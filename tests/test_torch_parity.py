@@ -81,3 +81,18 @@ def test_parity_float32(T, B, D, H, layers, bidir):
 def test_parity_uneven_lengths_float64(layers, bidir):
     errs = _run_both(6, 4, 3, 4, layers, bidir, "float64", lengths=[6, 2, 5, 1])
     assert max(errs.values()) < 1e-9, errs
+
+
+@pytest.mark.parametrize("layers,bidir", [(1, False), (2, True)])
+def test_to_torch_state_dict_round_trip_keeps_forget_bias(layers, bidir):
+    """A model with TensorFlow's forget_bias=1 exported to torch computes the same function."""
+    ours = xlstm.LSTM(3, 4, num_layers=layers, bidirectional=bidir, forget_bias=1.0, dtype="float64", seed=5)
+    ref = torch.nn.LSTM(3, 4, num_layers=layers, bidirectional=bidir).double()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in xlstm.interop.to_torch_state_dict(ours).items()})
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    y, (h, c) = ours.forward(x)
+    yt, (ht, ct) = ref(torch.from_numpy(x))
+    assert rel_error(y, yt.detach().numpy()) < 1e-12 and rel_error(c, ct.detach().numpy()) < 1e-12
+    back = xlstm.interop.from_torch(ref)
+    assert back.forget_bias == 0.0
+    np.testing.assert_allclose(back.forward(x)[0], y, rtol=1e-12)

@@ -29,11 +29,15 @@ def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,
     if _is_cupy(a) and backend.name != "cupy":
         raise InputError(f"{name} is a cupy (GPU) array but the model lives on the '{backend.name}' "
                          f"backend; move the model with .to('cupy') or the array with .get()")
-    if not _is_cupy(a) and not isinstance(a, np.ndarray):
+    if not _is_cupy(a):
+        from_python = not isinstance(a, np.ndarray)
         a = np.asarray(a)
-        if a.dtype == object:
-            raise InputError(f"{name} could not be read as a numeric array (ragged or non-numeric)")
-        if dtype is not None and a.dtype.kind in "iub":
+        if a.dtype.kind not in "iubf":
+            raise InputError(f"{name} could not be read as a numeric array (got dtype {a.dtype}); "
+                             f"pass a float array {dims}".rstrip())
+        # ints, bools and Python lists carry no float precision of their own: convert them.
+        # A float array of the other precision is refused below instead of silently cast.
+        if dtype is not None and (from_python or a.dtype.kind in "iub"):
             a = a.astype(dtype)
     if dtype is not None and a.dtype != np.dtype(dtype):
         raise InputError(f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)} (the model's dtype); "

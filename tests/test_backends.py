@@ -1,0 +1,149 @@
+"""Backend registry and the NumPy backend's fused pointwise step against the readable reference."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import xlstm
+from xlstm import cell
+from xlstm.backends import NumpyBackend, backend_of, get_backend, resolve
+from xlstm.errors import BackendUnavailableError, InputError
+
+
+# -- registry ----------------------------------------------------------------------------------
+def test_numpy_always_available_and_use_backend_restores():
+    assert "numpy" in xlstm.available_backends()
+    before = get_backend()
+    with xlstm.use_backend("numpy") as b:
+        assert get_backend() is b and b.name == "numpy" and b.xp is np
+    assert get_backend() is before
+
+
+def test_unknown_backend_name():
+    with pytest.raises(InputError, match="one of"):
+        xlstm.set_backend("tpu")
+
+
+def test_models_live_on_the_backend_they_were_built_on():
+    with xlstm.use_backend("numpy"):
+        m = xlstm.LSTM(2, 3)
+    assert m.backend.name == "numpy" and backend_of(m.params["l0.W"]).name == "numpy"
+
+
+def test_env_var_selects_default_backend():
+    env = dict(os.environ, XLSTM_BACKEND="numpy")
+    out = subprocess.run([sys.executable, "-c", "import xlstm; print(xlstm.get_backend().name)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "numpy"
+    env["XLSTM_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", "import xlstm; xlstm.get_backend()"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "bogus" in out.stderr
+
+
+def test_explicit_cupy_without_gpu_raises_with_reason():
+    reason = xlstm.backends.cupy_unavailable_reason()
+    if reason is None:
+        assert resolve("cupy").name == "cupy"          # a GPU machine: it must work
+        return
+    with pytest.raises(BackendUnavailableError) as e:
+        xlstm.set_backend("cupy")
+    assert reason in str(e.value) and "numpy" in str(e.value)
+    assert get_backend().name == "numpy"                 # the failed switch changed nothing
+
+
+# -- fused NumPy step vs the reference in cell.py ------------------------------------------------
+def _inputs(rng, B, H, dtype, scale=1.0, options=()):
+    z = (rng.standard_normal((B, 4 * H)) * scale).astype(dtype)
+    c_prev = (rng.standard_normal((B, H)) * scale).astype(dtype)
+    h_prev = rng.uniform(-1, 1, (B, H)).astype(dtype)
+    kw = {}
+    if "mask" in options:
+        kw["mask"] = (np.arange(B) % 3 != 1).astype(dtype)
+    if "zone" in options:
+        kw["zc"] = (rng.random((B, H)) < 0.3).astype(dtype)
+        kw["zh"] = np.full((B, H), 0.25, dtype)
+    if "drop" in options:
+        kw["gmask"] = ((rng.random((B, H)) < 0.7) / 0.7).astype(dtype)
+    grads = [rng.standard_normal((B, H)).astype(dtype) for _ in range(3)]
+    return z, c_prev, h_prev, kw, grads
+
+
+OPTIONS = [(), ("mask",), ("zone",), ("drop",), ("mask", "zone", "drop")]
+TOL = {"float64": 1e-13, "float32": 1e-6}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+def test_numpy_step_matches_reference(dtype, options, scale):
+    rng = np.random.default_rng(int(scale) + len(options))
+    B, H = 5, 7
+    z, c_prev, h_prev, kw, (dy, dh_next, dc_next) = _inputs(rng, B, H, dtype, scale, options)
+    gates_ref, c_ref, h_ref = cell.pointwise_forward(z.astype(np.float64), c_prev.astype(np.float64),
+                                                     h_prev.astype(np.float64), 0.8,
+                                                     **{k: v.astype(np.float64) for k, v in kw.items()})
+    be = NumpyBackend()
+    gates, c, h = z.copy(), np.empty_like(c_prev), np.empty_like(h_prev)
+    be.lstm_forward_step(gates, c_prev, h_prev, c, h, 0.8, **kw)
+    assert gates.dtype == c.dtype == h.dtype == np.dtype(dtype)
+    # float32 sums like f*c_prev + i*g lose digits relative to their terms (~scale), not the result
+    atol = TOL[dtype] * scale
+    for a, b in [(gates, gates_ref), (c, c_ref), (h, h_ref)]:
+        np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=atol)
+    dz_ref, dcp_ref, dhs_ref = cell.pointwise_backward(gates.astype(np.float64), c_prev.astype(np.float64),
+                                                       dy.astype(np.float64), dh_next.astype(np.float64),
+                                                       dc_next.astype(np.float64),
+                                                       **{k: v.astype(np.float64) for k, v in kw.items()})
+    dz, dcp, dhs = np.empty_like(z), np.empty_like(c_prev), np.empty_like(c_prev)
+    be.lstm_backward_step(gates, c_prev, dy, dh_next, dc_next, dz, dcp, dhs, **kw)
+    for a, b in [(dz, dz_ref), (dcp, dcp_ref), (dhs, dhs_ref)]:
+        np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=atol * max(1.0, np.abs(b).max()))
+    assert np.all(np.isfinite(dz))
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_numpy_backward_step_allows_aliasing(options):
+    """The layer passes dc_prev=dc_next and dh_skip=dh_next to save buffers; results must not change."""
+    rng = np.random.default_rng(0)
+    z, c_prev, h_prev, kw, (dy, dh_next, dc_next) = _inputs(rng, 4, 3, "float64", 1.0, options)
+    be = NumpyBackend()
+    gates, c, h = z.copy(), np.empty_like(c_prev), np.empty_like(h_prev)
+    be.lstm_forward_step(gates, c_prev, h_prev, c, h, 1.0, **kw)
+    dz1, dcp, dhs = np.empty_like(z), np.empty_like(c_prev), np.empty_like(c_prev)
+    be.lstm_backward_step(gates, c_prev, dy, dh_next, dc_next, dz1, dcp, dhs, **kw)
+    dz2, dh, dc = np.empty_like(z), dh_next.copy(), dc_next.copy()
+    be.lstm_backward_step(gates, c_prev, dy, dh, dc, dz2, dc, dh, **kw)
+    np.testing.assert_array_equal(dz1, dz2)
+    np.testing.assert_array_equal(dcp, dc)
+    np.testing.assert_array_equal(dhs, dh)
+
+
+def test_extremes_do_not_overflow():
+    be = NumpyBackend()
+    z = np.array([[-1e4, 1e4, -1e4, 1e4, 1e4, -1e4, 1e4, -1e4]], np.float32)
+    c_prev = np.array([[1e3, -1e3]], np.float32)
+    c, h = np.empty_like(c_prev), np.empty_like(c_prev)
+    with np.errstate(all="raise"):
+        be.lstm_forward_step(z, c_prev, np.zeros_like(c_prev), c, h, 1.0)
+    # i, f, g, o saturate exactly, no NaN: sigmoid(-1e4)=0, sigmoid(1e4)=1, tanh(+-1e4)=+-1
+    np.testing.assert_array_equal(z[0], [0, 1, 0, 1, 1, -1, 1, 0])
+    np.testing.assert_array_equal(c[0], [1e3 * 0 + 0 * 1, -1e3 * 1 + 1 * -1])
+
+
+def test_reference_step_matches_layer():
+    """cell.step_forward/step_backward (the article's names, one step) equal the layer with T=1."""
+    rng = np.random.default_rng(3)
+    lstm = xlstm.LSTM(3, 4, dtype="float64", seed=3)
+    W, U, b = (lstm.params[k] for k in ("l0.W", "l0.U", "l0.b"))
+    x, h0, c0 = rng.standard_normal((2, 3)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    dy, dhn, dcn = (rng.standard_normal((2, 4)) for _ in range(3))
+    h, c, cache = cell.step_forward(x, h0, c0, W, U, b, forget_bias=1.0)
+    dx, dh0, dc0, dW, dU, db = cell.step_backward(dy, dhn, dcn, W, U, cache)
+    y, (hn, cn) = lstm.forward(x[None], (h0[None], c0[None]))
+    dx2, (dh02, dc02) = lstm.backward(dy[None], (dhn[None], dcn[None]))
+    for a, b_ in [(h, hn[0]), (c, cn[0]), (dx, dx2[0]), (dh0, dh02[0]), (dc0, dc02[0]),
+                  (dW, lstm.grads["l0.W"]), (dU, lstm.grads["l0.U"]), (db, lstm.grads["l0.b"])]:
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
