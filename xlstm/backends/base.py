@@ -87,6 +87,61 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- the LayerNorm LSTM step (TensorFlow LayerNormBasicLSTMCell) -------------------------
+    # Layer norm of a vector v [N]: vhat = (v - mean(v)) * rstd, rstd = 1/sqrt(var(v) + eps)
+    # (biased variance), LN(v) = vhat * gain + shift. Per batch row b, each of the four gate
+    # blocks of z is normalised on its own (a reduction over H units), and so is c_new; on the
+    # GPU one thread block per row (and gate) does the two reductions (mean, then variance).
+    #
+    #   zhat_k = (z_k - mean(z_k)) * rstd_k                     k in i, f, g, o
+    #   i = sigmoid(zhat_i*gain_i + shift_i)   f = sigmoid(zhat_f*gain_f + shift_f + forget_bias)
+    #   g = tanh(zhat_g*gain_g + shift_g)      o = sigmoid(zhat_o*gain_o + shift_o)
+    #   c_new = f * c_prev + i * (g * gmask)
+    #   chat  = (c_new - mean(c_new)) * rstd_c ;  cn = chat * c_gain + c_shift
+    #   h_new = o * tanh(cn)
+    #   c = kc * c_prev + (1 - kc) * cn ;  h = kh * h_prev + (1 - kh) * h_new   (as the plain step)
+    #
+    # The backward step (seed names; dxhat -> dx is layer norm's backward):
+    #   dh = mask*dy + dh_next ;  dh_new = (1-kh)*dh
+    #   dcn = (1-kc)*dc_next + dh_new * o * (1 - tanh(cn)^2)      gradient w.r.t. cn
+    #   dc_gain += sum_b dcn*chat ;  dc_shift += sum_b dcn
+    #   dCt = rstd_c * (dchat - mean(dchat) - chat*mean(dchat*chat)),  dchat = dcn * c_gain
+    #   dzn_i = dCt*g*gmask*i(1-i)   dzn_f = dCt*c_prev*f(1-f)   dzn_g = dCt*i*gmask*(1-g^2)
+    #   dzn_o = dh_new*tanh(cn)*o(1-o)                              gradients w.r.t. LN(z_k)
+    #   dgain += sum_b dzn*zhat ;  dshift += sum_b dzn
+    #   dz_k = rstd_k * (dzhat_k - mean(dzhat_k) - zhat_k*mean(dzhat_k*zhat_k)),  dzhat = dzn*gain
+    #   dc_prev = kc*dc_next + dCt*f ;  dh_skip = kh*dh       (caller adds dz @ U^T to dh_skip)
+    def ln_lstm_forward_step(self, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h,
+                             gain, shift, c_gain, c_shift, forget_bias, eps,
+                             mask=None, zc=None, zh=None, gmask=None) -> None:
+        """LayerNorm LSTM gates and state update of one time step, in place (equations above).
+
+        z [B,4H] (C-contiguous rows): in, raw pre-activations x@W + h_prev@U (no bias);
+                  out, post-activation gates i, f, g, o (g before dropout).
+        zhat [B,4H]: out, normalised pre-activations (before gain/shift), for backward.
+        rstd [B,4]: out, 1/sqrt(var + eps) per row and gate.
+        chat [B,H]: out, normalised c_new (before c_gain/c_shift).  rstd_c [B]: out.
+        c_prev, h_prev [B,H]: the state of step t-1.  c, h [B,H]: out, the state of step t.
+        gain, shift [4H] (blocked i, f, g, o); c_gain, c_shift [H]; forget_bias, eps: floats.
+        mask [B] | None, zc, zh, gmask [B,H] | None: as ``lstm_forward_step``.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no LayerNorm LSTM step (ln_lstm_forward_step)")
+
+    def ln_lstm_backward_step(self, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift,
+                              dy, dh_next, dc_next, dz, dc_prev, dh_skip,
+                              dgain, dshift, dc_gain, dc_shift,
+                              mask=None, zc=None, zh=None, gmask=None) -> None:
+        """Gradients of one LayerNorm LSTM step (BPTT), in place (equations above).
+
+        gates [B,4H], zhat [B,4H], rstd [B,4], chat [B,H], rstd_c [B]: stored by the forward step.
+        c_prev [B,H]: the (carried) cell state of step t-1.  gain [4H], c_gain, c_shift [H].
+        dy [B,H]; dh_next, dc_next [B,H]: gradients w.r.t. h_t and c_t from step t+1.
+        dz [B,4H]: out, gradient w.r.t. the raw pre-activations z (feeds dW, dU, dx).
+        dc_prev [B,H]: out (may alias dc_next).  dh_skip [B,H]: out, kh*dh (may alias dh_next).
+        dgain, dshift [4H], dc_gain, dc_shift [H]: accumulated (+=) over the batch rows.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no LayerNorm LSTM step (ln_lstm_backward_step)")
+
     # -- GEMM helpers -----------------------------------------------------------------------
     def matmul_add(self, a, b, out) -> None:
         """out += a @ b (cuBLAS beta=1 on the GPU; a product into scratch plus an add on the CPU)."""

@@ -163,3 +163,139 @@ class NumpyBackend(Backend):
         np.multiply(s, s, out=t)
         np.subtract(s, t, out=t)
         d *= t
+
+    # -- the LayerNorm LSTM step (equations in base.py) -------------------------------------
+    def _ln_rows(self, v3, vhat3, rstd, eps):
+        """vhat3 = (v3 - mean) * rstd over the last axis; v3, vhat3 [B,G,N], rstd [B,G] out."""
+        mean = self._tmp("ln_mean", rstd.shape, rstd.dtype)
+        sq = self._tmp("ln_sq", v3.shape, v3.dtype)
+        np.mean(v3, axis=2, out=mean)
+        np.subtract(v3, mean[:, :, None], out=vhat3)
+        np.multiply(vhat3, vhat3, out=sq)
+        np.mean(sq, axis=2, out=rstd)              # biased variance
+        rstd += eps
+        np.sqrt(rstd, out=rstd)
+        np.reciprocal(rstd, out=rstd)
+        vhat3 *= rstd[:, :, None]
+
+    def _ln_rows_backward(self, d3, vhat3, rstd):
+        """d3 <- rstd * (d3 - mean(d3) - vhat3 * mean(d3 * vhat3)): layer norm's dxhat -> dx."""
+        m1 = self._tmp("ln_m1", rstd.shape, rstd.dtype)
+        m2 = self._tmp("ln_m2", rstd.shape, rstd.dtype)
+        prod = self._tmp("ln_prod", d3.shape, d3.dtype)
+        np.mean(d3, axis=2, out=m1)
+        np.multiply(d3, vhat3, out=prod)
+        np.mean(prod, axis=2, out=m2)
+        np.multiply(vhat3, m2[:, :, None], out=prod)
+        d3 -= m1[:, :, None]
+        d3 -= prod
+        d3 *= rstd[:, :, None]
+
+    def _acc_rows(self, acc, a, b=None):
+        """acc += sum over rows of a (times b): the gain/shift gradients of one step."""
+        red = self._tmp("ln_red", acc.shape, acc.dtype)
+        if b is not None:
+            prod = self._tmp("ln_accprod", a.shape, a.dtype)
+            np.multiply(a, b, out=prod)
+            a = prod
+        np.sum(a, axis=0, out=red)
+        acc += red
+
+    def ln_lstm_forward_step(self, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h,
+                             gain, shift, c_gain, c_shift, forget_bias, eps,
+                             mask=None, zc=None, zh=None, gmask=None) -> None:
+        B, H = c.shape
+        self._ln_rows(z.reshape(B, 4, H), zhat.reshape(B, 4, H), rstd, eps)
+        np.multiply(zhat, gain, out=z)
+        z += shift
+        i, f, g, o = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+        if forget_bias:
+            f += forget_bias
+        # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5, as in lstm_forward_step
+        ifo_1, ifo_2 = z[:, :2 * H], o
+        ifo_1 *= 0.5
+        ifo_2 *= 0.5
+        np.tanh(z, out=z)
+        for s in (ifo_1, ifo_2):
+            s *= 0.5
+            s += 0.5
+        plain = mask is None and zc is None and zh is None
+        cn = c if plain else self._tmp("c_new", c.shape, c.dtype)
+        h_new = h if plain else self._tmp("h_new", h.shape, h.dtype)
+        np.multiply(f, c_prev, out=cn)
+        np.multiply(g, i, out=h_new)               # h_new as scratch for i*g
+        if gmask is not None:
+            h_new *= gmask
+        cn += h_new                                # c_new, before its layer norm
+        self._ln_rows(cn[:, None, :], chat[:, None, :], rstd_c[:, None], eps)
+        np.multiply(chat, c_gain, out=cn)
+        cn += c_shift                              # cn = LN(c_new): carried and fed to tanh
+        np.tanh(cn, out=h_new)
+        h_new *= o
+        if plain:
+            return
+        self._carry(cn, c_prev, c, mask, zc)
+        self._carry(h_new, h_prev, h, mask, zh)
+
+    def ln_lstm_backward_step(self, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift,
+                              dy, dh_next, dc_next, dz, dc_prev, dh_skip,
+                              dgain, dshift, dc_gain, dc_shift,
+                              mask=None, zc=None, zh=None, gmask=None) -> None:
+        B, H = c_prev.shape
+        shape, dt = c_prev.shape, c_prev.dtype
+        i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+        dz_i, dz_f, dz_g, dz_o = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
+        dh = self._tmp("dh", shape, dt)
+        dh_new = self._tmp("ln_dh_new", shape, dt)
+        dc_in = self._tmp("dc_in", shape, dt)     # (1-kc) * dc_next
+        tc = self._tmp("tc", shape, dt)           # tanh(cn), recomputed from chat
+        dc = self._tmp("dc", shape, dt)           # dcn, then dCt
+        w = self._tmp("w2", shape, dt)
+        if mask is None:
+            np.add(dy, dh_next, out=dh)
+        else:
+            np.multiply(dy, mask[:, None], out=dh)
+            dh += dh_next
+        self._one_minus_carry(w, mask, zh)
+        np.multiply(dh, w, out=dh_new)
+        self._one_minus_carry(w, mask, zc)
+        np.multiply(dc_next, w, out=dc_in)
+        np.multiply(chat, c_gain, out=tc)
+        tc += c_shift
+        np.tanh(tc, out=tc)
+        # dOt = dh_new * tanh(cn) ; dzn_o = dOt * o(1-o)
+        np.multiply(dh_new, tc, out=dz_o)
+        self._dsigmoid_mul(dz_o, o)
+        # dcn = (1-kc) dc_next + dh_new * o * (1 - tanh(cn)^2)
+        np.multiply(tc, tc, out=tc)
+        np.subtract(1.0, tc, out=tc)
+        tc *= o
+        tc *= dh_new
+        np.add(dc_in, tc, out=dc)
+        self._acc_rows(dc_gain, dc, chat)
+        self._acc_rows(dc_shift, dc)
+        dc *= c_gain                               # dchat
+        self._ln_rows_backward(dc[:, None, :], chat[:, None, :], rstd_c[:, None])   # dCt
+        # dIt = dCt * g*gmask ; dCprojt = dCt * i*gmask ; dFt = dCt * c_prev; through the activations
+        np.multiply(dc, g, out=dz_i)
+        if gmask is not None:
+            dz_i *= gmask
+        self._dsigmoid_mul(dz_i, i)
+        np.multiply(dc, i, out=dz_g)
+        if gmask is not None:
+            dz_g *= gmask
+        np.multiply(g, g, out=tc)
+        np.subtract(1.0, tc, out=tc)
+        dz_g *= tc
+        np.multiply(dc, c_prev, out=dz_f)
+        self._dsigmoid_mul(dz_f, f)
+        # dz holds the gradient w.r.t. LN(z); gain/shift gradients, then layer norm backward
+        self._acc_rows(dgain, dz, zhat)
+        self._acc_rows(dshift, dz)
+        dz *= gain
+        self._ln_rows_backward(dz.reshape(B, 4, H), zhat.reshape(B, 4, H), rstd)
+        # dc_prev = kc*dc_next + dCt*f, kc*dc_next = dc_next - dc_in (dc_prev may alias dc_next)
+        np.subtract(dc_next, dc_in, out=tc)
+        np.multiply(dc, f, out=dc_prev)
+        dc_prev += tc
+        np.subtract(dh, dh_new, out=dh_skip)       # kh * dh

@@ -1,0 +1,220 @@
+"""Layer norm and the LayerNorm LSTM cell (TensorFlow's ``LayerNormBasicLSTMCell``).
+
+Layer norm of a vector v [N] (one batch row; for the LSTM, one gate block or c_new):
+
+    mean = sum(v) / N            var = sum((v - mean)^2) / N        (biased, as TensorFlow)
+    rstd = 1 / sqrt(var + eps)   vhat = (v - mean) * rstd           y = vhat * gain + shift
+
+Backward. With dvhat = dy * gain, and dgain = sum_rows dy * vhat, dshift = sum_rows dy:
+
+    d vhat_j / d v_k = rstd * (delta_jk - 1/N - vhat_j vhat_k / N)
+
+because d mean / d v_k = 1/N and d rstd / d v_k = -rstd^3 (v_k - mean) / N = -rstd^2 vhat_k / N,
+so d vhat_j / d v_k = rstd (delta_jk - 1/N) + (v_j - mean) d rstd / d v_k. Summing over j:
+
+    dv = rstd * (dvhat - mean(dvhat) - vhat * mean(dvhat * vhat))
+
+The LayerNorm LSTM step (no bias; own gain/shift per gate; the NORMALISED cell state is carried):
+
+    z      = x @ W + h_prev @ U                         [B,4H], blocked i, f, g, o
+    zn_k   = LN_k(z_k)                                   k in i, f, g, o, each over its H units
+    It = sigmoid(zn_i)   Ft = sigmoid(zn_f + forget_bias)   Cproj = tanh(zn_g)   Ot = sigmoid(zn_o)
+    c_new  = Ft * c_prev + It * Cproj * gmask            (gmask: recurrent dropout on Cproj)
+    cn     = LN_c(c_new)                                 TensorFlow's "state" norm
+    h_new  = Ot * tanh(cn)
+    c, h   = carry(cn, c_prev, zc), carry(h_new, h_prev, zh)   (mask / zoneout, see backends/base.py)
+
+Here: the readable reference (fresh arrays, seed names) in ``layer_norm_forward/backward`` and
+``ln_cell_forward/backward``; the layer's time loop ``ln_forward_direction`` /
+``ln_backward_direction``, which calls the backend's fused in-place ``ln_lstm_*_step`` ops;
+and ``tf_layer_norm_params`` for ``interop.from_tf``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .gates import sigmoid, split
+
+
+# -- layer norm, readable reference -----------------------------------------------------
+def layer_norm_forward(v, gain, shift, eps=1e-12):
+    """LN over the last axis. v [...,N], gain/shift [N]. Returns (y, vhat, rstd [...,1])."""
+    mean = v.mean(axis=-1, keepdims=True)
+    var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    vhat = (v - mean) * rstd
+    return vhat * gain + shift, vhat, rstd
+
+
+def layer_norm_backward(dy, vhat, rstd, gain):
+    """Gradients of ``layer_norm_forward``: (dv [...,N], dgain [N], dshift [N]), summed over rows."""
+    lead = tuple(range(dy.ndim - 1))
+    dgain = (dy * vhat).sum(axis=lead)
+    dshift = dy.sum(axis=lead)
+    dvhat = dy * gain
+    dv = rstd * (dvhat - dvhat.mean(axis=-1, keepdims=True)
+                 - vhat * (dvhat * vhat).mean(axis=-1, keepdims=True))
+    return dv, dgain, dshift
+
+
+def _gate_ln_forward(z, gain, shift, eps):
+    """LN per gate block: z [B,4H] -> (zn, zhat [B,4H], rstd [B,4])."""
+    B, H4 = z.shape
+    H = H4 // 4
+    zn, zhat, rstd = layer_norm_forward(z.reshape(B, 4, H), gain.reshape(4, H), shift.reshape(4, H), eps)
+    return zn.reshape(B, H4), zhat.reshape(B, H4), rstd.reshape(B, 4)
+
+
+def _carry(mask, zone, like):
+    """k = 1 - mask * (1 - zone): the fraction of the previous state kept (as xlstm/cell.py)."""
+    m = np.ones(like.shape[0], like.dtype) if mask is None else mask
+    z = np.zeros_like(like) if zone is None else zone
+    return 1.0 - m[:, None] * (1.0 - z)
+
+
+# -- the LayerNorm LSTM step, readable reference --------------------------------------------
+def ln_cell_forward(z, c_prev, h_prev, gain, shift, c_gain, c_shift, forget_bias=1.0, eps=1e-12,
+                    mask=None, zc=None, zh=None, gmask=None):
+    """One LayerNorm LSTM step from raw pre-activations z [B,4H] = x@W + h_prev@U.
+
+    Returns a dict of every named value: zhat, zn [B,4H], rstd [B,4], It, Ft, Cproj, Ot,
+    c_new (before LN), chat, cn (= LN(c_new)), rstd_c [B,1], h_new, and the carried c, h [B,H];
+    gates [B,4H] = concat(It, Ft, Cproj, Ot) as the fast path stores them.
+    """
+    zn, zhat, rstd = _gate_ln_forward(z, gain, shift, eps)
+    zn_i, zn_f, zn_g, zn_o = split(zn, c_prev.shape[1])
+    It = sigmoid(np, zn_i)
+    Ft = sigmoid(np, zn_f + forget_bias)
+    Cproj = np.tanh(zn_g)
+    Ot = sigmoid(np, zn_o)
+    gm = np.ones_like(Cproj) if gmask is None else gmask
+    c_new = Ft * c_prev + It * Cproj * gm
+    cn, chat, rstd_c = layer_norm_forward(c_new, c_gain, c_shift, eps)
+    h_new = Ot * np.tanh(cn)
+    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, h_prev)
+    c = kc * c_prev + (1 - kc) * cn
+    h = kh * h_prev + (1 - kh) * h_new
+    return dict(z=z, zhat=zhat, rstd=rstd, zn=zn, It=It, Ft=Ft, Cproj=Cproj, Ot=Ot, c_new=c_new,
+                chat=chat, rstd_c=rstd_c, cn=cn, h_new=h_new, c=c, h=h,
+                gates=np.concatenate([It, Ft, Cproj, Ot], axis=-1))
+
+
+def ln_cell_backward(fwd, c_prev, gain, c_gain, dy, dh_next, dc_next,
+                     mask=None, zc=None, zh=None, gmask=None):
+    """BPTT through one LayerNorm LSTM step, seed names. ``fwd`` is ``ln_cell_forward``'s dict.
+
+    Returns a dict: dHt (total gradient into h_t), dOt, dCnorm (w.r.t. cn), dCt (w.r.t. c_new,
+    the seed's dCt), dCprojt, dFt, dIt, dzn (w.r.t. LN(z)) and dz (w.r.t. raw z) [B,4H],
+    dc_prev (the seed's dc_next for step t-1), dh_skip (dh_prev = dh_skip + dz @ U^T), and
+    dgain, dshift [4H], dc_gain, dc_shift [H] of this step.
+    """
+    B, H = c_prev.shape
+    It, Ft, Cproj, Ot, cn = fwd["It"], fwd["Ft"], fwd["Cproj"], fwd["Ot"], fwd["cn"]
+    m = np.ones(B, c_prev.dtype) if mask is None else mask
+    gm = np.ones_like(Cproj) if gmask is None else gmask
+    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, c_prev)
+    tanh_cn = np.tanh(cn)
+
+    dHt = m[:, None] * dy + dh_next
+    dHt_cell = (1 - kh) * dHt                        # the part that reaches this step's cell
+    dOt = dHt_cell * tanh_cn
+    dCnorm = (1 - kc) * dc_next + dHt_cell * Ot * (1 - tanh_cn ** 2)
+    dCt, dc_gain, dc_shift = layer_norm_backward(dCnorm, fwd["chat"], fwd["rstd_c"], c_gain)
+    dCprojt = dCt * It * gm
+    dFt = dCt * c_prev
+    dIt = dCt * Cproj * gm
+    dzn = np.concatenate([dIt * It * (1 - It), dFt * Ft * (1 - Ft),
+                          dCprojt * (1 - Cproj ** 2), dOt * Ot * (1 - Ot)], axis=-1)
+    dz3, dgain, dshift = layer_norm_backward(dzn.reshape(B, 4, H), fwd["zhat"].reshape(B, 4, H),
+                                             fwd["rstd"].reshape(B, 4, 1), gain.reshape(4, H))
+    return dict(dHt=dHt, dOt=dOt, dCnorm=dCnorm, dCt=dCt, dCprojt=dCprojt, dFt=dFt, dIt=dIt,
+                dzn=dzn, dz=dz3.reshape(B, 4 * H), dc_prev=kc * dc_next + dCt * Ft, dh_skip=kh * dHt,
+                dgain=dgain.reshape(4 * H), dshift=dshift.reshape(4 * H), dc_gain=dc_gain, dc_shift=dc_shift)
+
+
+# -- the layer's time loop (called by LSTM._forward_direction / _backward_direction) ---------
+def _ln_params(lstm, p):
+    P = lstm.params
+    return P[p + "ln_gain"], P[p + "ln_shift"], P[p + "ln_c_gain"], P[p + "ln_c_shift"]
+
+
+def ln_forward_direction(lstm, p, gates, hs, cs, step_mask, zc, zh, gm):
+    """Forward of one layer and direction. gates [T,B,4H] holds x@W (no bias) on entry and the
+    post-activation gates on return; hs, cs [T+1,B,H] hold the initial state in [0].
+
+    Per step one recurrent GEMM and one fused LN step. Returns what backward needs:
+    dict(zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]), allocated once here.
+    """
+    xp, be = lstm.xp, lstm.backend
+    T, B, H4 = gates.shape
+    U = lstm.params[p + "U"]
+    gain, shift, c_gain, c_shift = _ln_params(lstm, p)
+    zhat = xp.empty_like(gates)
+    rstd = xp.empty((T, B, 4), gates.dtype)
+    chat = xp.empty((T, B, H4 // 4), gates.dtype)
+    rstd_c = xp.empty((T, B), gates.dtype)
+    for t in range(T):
+        be.matmul_add(hs[t], U, gates[t])                # recurrent GEMM
+        be.ln_lstm_forward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t], hs[t],
+                                cs[t + 1], hs[t + 1], gain, shift, c_gain, c_shift,
+                                lstm.forget_bias, lstm.layer_norm_eps,
+                                None if step_mask is None else step_mask[t],
+                                None if zc is None else zc[t], None if zh is None else zh[t],
+                                None if gm is None else gm[t])
+    return dict(zhat=zhat, rstd=rstd, chat=chat, rstd_c=rstd_c)
+
+
+def ln_backward_direction(lstm, p, cache, dy, dz, dh, dc, step_mask):
+    """BPTT of one layer and direction: writes dz [T,B,4H] (w.r.t. raw z), leaves dh, dc [B,H]
+    as dh0, dc0 and accumulates the gain/shift gradients; the caller does dW, dU, dx."""
+    be = lstm.backend
+    T = dy.shape[0]
+    UT = lstm.params[p + "U"].T
+    gain, _, c_gain, c_shift = _ln_params(lstm, p)
+    G = lstm.grads
+    dgain, dshift, dc_gain, dc_shift = G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"], G[p + "ln_c_shift"]
+    gates, cs, ln = cache["gates"], cache["cs"], cache["ln"]
+    zc, zh, gm = cache["masks"]
+    for t in reversed(range(T)):
+        be.ln_lstm_backward_step(gates[t], ln["zhat"][t], ln["rstd"][t], ln["chat"][t], ln["rstd_c"][t],
+                                 cs[t], gain, c_gain, c_shift, dy[t], dh, dc, dz[t], dc, dh,
+                                 dgain, dshift, dc_gain, dc_shift,
+                                 None if step_mask is None else step_mask[t],
+                                 None if zc is None else zc[t], None if zh is None else zh[t],
+                                 None if gm is None else gm[t])
+        be.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+
+
+# -- TensorFlow names ------------------------------------------------------------------------
+TF_LN_GATES = ("input", "forget", "transform", "output")     # our order i, f, g, o
+
+
+def tf_layer_norm_params(layer_dict, H, prefix) -> dict:
+    """Our LN parameters from one TensorFlow LayerNormBasicLSTMCell's norms.
+
+    layer_dict: {"input", "transform", "forget", "output", "state"} -> (gamma [H], beta [H])
+    (TensorFlow's ``transform`` is our candidate g). Returns {prefix+"ln_gain": [4H] blocked
+    i, f, g, o, prefix+"ln_shift": [4H], prefix+"ln_c_gain": [H], prefix+"ln_c_shift": [H]}.
+    """
+    from .interop import _np
+
+    if not isinstance(layer_dict, dict):
+        raise InputError(f"from_tf: layer_norm entries must be dicts of (gamma, beta) pairs, got {type(layer_dict).__name__}")
+    want = TF_LN_GATES + ("state",)
+    missing = [n for n in want if n not in layer_dict]
+    if missing:
+        raise InputError(f"from_tf: layer_norm dict lacks {missing}; expected keys {list(want)}")
+    pairs = {}
+    for n in want:
+        pair = layer_dict[n]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputError(f"from_tf: layer_norm[{n!r}] must be a (gamma, beta) pair of [H] arrays")
+        gamma, beta = _np(pair[0]), _np(pair[1])
+        for a, what in ((gamma, "gamma"), (beta, "beta")):
+            if a.shape != (H,):
+                raise InputError(f"from_tf: layer_norm[{n!r}] {what} has shape {a.shape}, expected ({H},) [H]")
+        pairs[n] = (gamma, beta)
+    return {prefix + "ln_gain": np.concatenate([pairs[n][0] for n in TF_LN_GATES]),
+            prefix + "ln_shift": np.concatenate([pairs[n][1] for n in TF_LN_GATES]),
+            prefix + "ln_c_gain": pairs["state"][0], prefix + "ln_c_shift": pairs["state"][1]}
