@@ -212,6 +212,9 @@ class Sequential(Module):
         """x -> output of the last child; ``state`` and ``kwargs`` go to the children that accept them."""
         if state is not None and self._state_index is None:
             raise InputError("state was given but no module in this Sequential has a 'state' parameter")
+        unused = [k for k in kwargs if not any(_accepts(m.forward, k) for m in self.modules)]
+        if unused:
+            raise InputError(f"Sequential.forward: no module accepts the keyword(s) {unused}")
         self.states = {}
         for i, m in enumerate(self.modules):
             kw = {k: v for k, v in kwargs.items() if _accepts(m.forward, k)}
@@ -222,9 +225,6 @@ class Sequential(Module):
                 self.states[i] = out[1] if len(out) == 2 else out[1:]
                 out = out[0]
             x = out
-        unused = [k for k in kwargs if not any(_accepts(m.forward, k) for m in self.modules)]
-        if unused:
-            raise InputError(f"Sequential.forward: no module accepts the keyword(s) {unused}")
         return x
 
     def backward(self, dy):

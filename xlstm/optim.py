@@ -136,7 +136,7 @@ class SGD(Optimizer):
     """Stochastic gradient descent with momentum, as torch.optim.SGD (dampening 0).
 
         d = g + wd * p
-        buf = d (first step),  buf = momentum * buf + d (later)       [momentum > 0]
+        buf = momentum * buf + d   (buf starts at 0, so buf = d on step 1)   [momentum > 0]
         d = d + momentum * buf (nesterov)  or  d = buf
         p -= lr * d
     """
@@ -161,13 +161,9 @@ class SGD(Optimizer):
         else:
             d[...] = g
         if self.momentum:
-            fresh = name not in self.state or "momentum_buffer" not in self.state[name]
-            buf = self._buffer(name, "momentum_buffer", p)
-            if fresh:
-                buf[...] = d
-            else:
-                buf *= self.momentum
-                buf += d
+            buf = self._buffer(name, "momentum_buffer", p)   # zeros at first, so step 1 gives buf = d
+            buf *= self.momentum
+            buf += d
             if self.nesterov:
                 # p -= lr * (d + momentum * buf), as two in-place subtractions through d
                 d *= self.lr
