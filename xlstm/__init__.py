@@ -2,10 +2,11 @@
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .errors import BackendUnavailableError, InputError, StateError, XlstmError
 from .lstm import LSTM
-from . import interop, gradcheck
+from . import gradcheck, interop, layers, losses, optim
+from .layers import Dense, Embedding, Sequential
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "set_backend", "get_backend", "use_backend", "available_backends",
+__all__ = ["LSTM", "Dense", "Embedding", "Sequential", "layers", "losses", "optim", "set_backend", "get_backend", "use_backend", "available_backends",
            "interop", "gradcheck", "InputError", "StateError", "BackendUnavailableError",
            "XlstmError", "__version__"]
