@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "info": ("xlstm.cli", "show the version, the backends usable here and why any is not"),
     "gradcheck": ("xlstm.cli", "finite-difference check of every gradient of a small float64 LSTM"),
+    "trace": ("xlstm.trace", "print every named forward value and BPTT gradient of a tiny example, per step"),
 }
 
 

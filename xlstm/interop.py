@@ -138,3 +138,61 @@ def from_tf(kernels, biases, forget_bias: float = 1.0, layer_norm=None, dtype=No
             state[p + "b"] = b
     lstm.load_state_dict(state)
     return lstm
+
+
+def from_tf_bidirectional(kernels_fw, kernels_bw, biases_fw=None, biases_bw=None, forget_bias: float = 1.0,
+                          layer_norm=None, layer_norm_bw=None, dtype=None, backend=None) -> LSTM:
+    """A bidirectional xlstm.LSTM from TensorFlow forward and backward cells, one pair per layer.
+
+    As ``tf.compat.v1.nn.stack_bidirectional_dynamic_rnn(cells_fw, cells_bw)``: layer k>0 reads
+    concat([fw output, bw output]), so its kernels are [2H+H, 4H]. kernels_fw / kernels_bw: lists
+    of [D_k+H, 4H]; biases_fw / biases_bw: lists of [4H] (None for LayerNorm cells);
+    layer_norm / layer_norm_bw: None, or per-layer dicts as in ``from_tf`` (fw and bw cells).
+    """
+    if not isinstance(kernels_fw, (list, tuple)):
+        kernels_fw, kernels_bw = [kernels_fw], [kernels_bw]
+        biases_fw = None if biases_fw is None else [biases_fw]
+        biases_bw = None if biases_bw is None else [biases_bw]
+    n = len(kernels_fw)
+    ln = layer_norm is not None
+    if ln != (layer_norm_bw is not None):
+        raise InputError("from_tf_bidirectional: give layer_norm and layer_norm_bw together (or neither)")
+    if len(kernels_bw) != n:
+        raise InputError(f"from_tf_bidirectional: got {n} forward kernels but {len(kernels_bw)} backward kernels")
+    biases = []
+    for name, bs in (("biases_fw", biases_fw), ("biases_bw", biases_bw)):
+        if bs is None:
+            if not ln:
+                raise InputError(f"from_tf_bidirectional: {name} is required when layer_norm is None")
+            bs = [None] * n
+        if len(bs) != n:
+            raise InputError(f"from_tf_bidirectional: got {n} kernels but {len(bs)} {name}")
+        biases.append(bs)
+    lns = (layer_norm, layer_norm_bw)
+    for name, l in (("layer_norm", layer_norm), ("layer_norm_bw", layer_norm_bw)):
+        if ln and len(l) != n:
+            raise InputError(f"from_tf_bidirectional: got {n} kernels but {len(l)} {name} entries")
+    k0 = _np(kernels_fw[0])
+    if k0.ndim != 2 or k0.shape[1] % 4:
+        raise InputError(f"from_tf_bidirectional: kernel has shape {k0.shape}, expected [D+H, 4H]")
+    H = k0.shape[1] // 4
+    D = k0.shape[0] - H
+    if dtype is None:
+        dtype = k0.dtype.name if k0.dtype.name in ("float32", "float64") else "float32"
+    lstm = LSTM(D, H, num_layers=n, bidirectional=True, forget_bias=forget_bias, layer_norm=ln,
+                dtype=dtype, backend=backend)
+    state = {}
+    for k in range(n):
+        for d, kernels in enumerate((kernels_fw, kernels_bw)):
+            W, U, b = _tf_kernel_to_ours(kernels[k], None if ln else biases[d][k], D if k == 0 else 2 * H, H)
+            p = lstm.prefix(k, d)
+            state[p + "W"], state[p + "U"] = W, U
+            if ln:
+                from .layernorm import tf_layer_norm_params
+                state.update(tf_layer_norm_params(lns[d][k], H, p))
+            else:
+                if b is None:
+                    raise InputError("from_tf_bidirectional: a bias is required for each cell when layer_norm is None")
+                state[p + "b"] = b
+    lstm.load_state_dict(state)
+    return lstm

@@ -48,8 +48,12 @@ def layer_norm_forward(v, gain, shift, eps=1e-12):
 
 
 def layer_norm_backward(dy, vhat, rstd, gain):
-    """Gradients of ``layer_norm_forward``: (dv [...,N], dgain [N], dshift [N]), summed over rows."""
-    lead = tuple(range(dy.ndim - 1))
+    """Gradients of ``layer_norm_forward``: (dv [...,N], dgain, dshift shaped like gain).
+
+    dgain/dshift are summed over the leading axes that gain does not have (the batch rows).
+    """
+    gain = np.asarray(gain)
+    lead = tuple(range(dy.ndim - gain.ndim))
     dgain = (dy * vhat).sum(axis=lead)
     dshift = dy.sum(axis=lead)
     dvhat = dy * gain

@@ -171,13 +171,17 @@ class LSTM(Module):
         return out
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x, state=None, lengths=None, masks=None):
+    def forward(self, x, state=None, lengths=None, masks=None, trace=False):
         """Run the LSTM over a batch of sequences.
 
         x [T,B,D]; state (h0, c0) each [layers*dirs,B,H] or None (zeros); lengths [B] ints in
         [1,T] or None (all T). ``masks``: reuse dropout/zoneout masks (e.g. ``lstm.last_masks``)
         instead of drawing new ones. Returns y [T,B,H*dirs] and (h_n, c_n) [layers*dirs,B,H].
+        trace=True records every named intermediate into a new ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace:
+            from .trace import traced_call
+            return traced_call(self, "forward", x, state, lengths, masks)
         x, state, lengths = self._check_forward_inputs(x, state, lengths)
         xp, H = self.xp, self.hidden_size
         T, B, _ = x.shape
@@ -250,13 +254,17 @@ class LSTM(Module):
         return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra)
 
     # -- backward -------------------------------------------------------------------------
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, trace=False):
         """BPTT for the last ``forward``.
 
         dy [T,B,H*dirs]: gradient of the loss w.r.t. y; dstate (dh_n, dc_n) each
         [layers*dirs,B,H] or None. Accumulates parameter gradients into ``self.grads``;
         returns dx [T,B,D] and (dh0, dc0) [layers*dirs,B,H].
+        trace=True adds the backward intermediates to ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace:
+            from .trace import traced_call
+            return traced_call(self, "backward", dy, dstate)
         if self._cache is None:
             raise StateError("backward() called before forward(): run forward(x) first; "
                              "backward uses what that forward stored")
@@ -313,10 +321,10 @@ class LSTM(Module):
                                       None if step_mask is None else step_mask[t],
                                       None if zc is None else zc[t], None if zh is None else zh[t],
                                       None if gm is None else gm[t])
-                if self.tracer is not None:
-                    self.tracer.record_backward(self, k, d, t, dz[t], dh, dc, cache, dy)
                 be.matmul_add(dz[t], UT, dh)                    # dh_next for step t-1
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
+        if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0
+            self.tracer.record_backward(self, k, d, cache, dy, dh_n, dc_n, dz, dh, dc)
         dz2 = dz.reshape(T * B, 4 * H)
         be.matmul_add(x2.T, dz2, self.grads[p + "W"])          # weight gradients after the loop
         be.matmul_add(hs[:-1].reshape(T * B, H).T, dz2, self.grads[p + "U"])
