@@ -1,0 +1,113 @@
+// xlstm: fused CUDA kernels of one LSTM time step (forward and backward), float and double.
+//
+// Loaded at run time by xlstm/backends/cupy_backend.py with cupy.RawModule (NVRTC). The math
+// lives in lstm_pointwise.cuh, shared with the host checks; this file only maps threads to
+// elements. The kernels are extern "C" with the dtype in the name so that RawModule finds
+// them by a plain name, without C++ name mangling or name_expressions.
+//
+// Launch: 1-D grid of 1-D blocks, any size; each thread handles elements n = b*H + j of the
+// [B,H] step in a grid-stride loop, so the host may cap the grid (a few waves of blocks per SM)
+// and the same launch works for any B*H. Within a warp consecutive threads take consecutive j,
+// so every load and store of a gate block is coalesced.
+//
+// Optional inputs (mask, zc, zh, gmask) are null pointers when unused; the branch on them is
+// uniform across the grid and costs nothing measurable next to the memory traffic.
+#include "lstm_pointwise.cuh"
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ void lstm_forward_step_impl(
+    T* __restrict__ z, const T* __restrict__ c_prev, const T* __restrict__ h_prev,
+    T* __restrict__ c, T* __restrict__ h, T forget_bias,
+    const T* __restrict__ mask, const T* __restrict__ zc, const T* __restrict__ zh,
+    const T* __restrict__ gmask, xlstm::index_t B, xlstm::index_t H) {
+  const xlstm::index_t total = B * H;
+  const xlstm::index_t stride = (xlstm::index_t)gridDim.x * blockDim.x;
+  for (xlstm::index_t n = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x; n < total;
+       n += stride) {
+    xlstm::forward_at<T>(n, H, z, c_prev, h_prev, c, h, forget_bias, mask, zc, zh, gmask);
+  }
+}
+
+// No __restrict__ on dh_next/dc_next/dc_prev/dh_skip: the layer passes dc_prev == dc_next and
+// dh_skip == dh_next (it updates its running gradients in place). Each element reads its own
+// inputs before writing its own outputs (see backward_at), and no element touches another's.
+template <typename T>
+__device__ __forceinline__ void lstm_backward_step_impl(
+    const T* __restrict__ gates, const T* __restrict__ c_prev, const T* __restrict__ dy,
+    const T* dh_next, const T* dc_next, T* __restrict__ dz, T* dc_prev, T* dh_skip,
+    const T* __restrict__ mask, const T* __restrict__ zc, const T* __restrict__ zh,
+    const T* __restrict__ gmask, xlstm::index_t B, xlstm::index_t H) {
+  const xlstm::index_t total = B * H;
+  const xlstm::index_t stride = (xlstm::index_t)gridDim.x * blockDim.x;
+  for (xlstm::index_t n = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x; n < total;
+       n += stride) {
+    xlstm::backward_at<T>(n, H, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip,
+                          mask, zc, zh, gmask);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// lstm_forward_step_{f32,f64}: gate activations and state update of one time step.
+//
+//   z      [B,4H]  in: pre-activations x@W + h_prev@U + b, blocked i, f, g, o;
+//                  out: post-activation gates i, f, g, o (g before dropout), for backward.
+//   c_prev [B,H]   cell state of step t-1.
+//   h_prev [B,H]   hidden state of step t-1.
+//   c      [B,H]   out: cell state of step t (must not alias c_prev).
+//   h      [B,H]   out: hidden state of step t (must not alias h_prev).
+//   forget_bias    scalar of the array dtype, added to the forget pre-activation.
+//   mask   [B]     or null: 1 inside the sequence, 0 past its end (state carried unchanged).
+//   zc     [B,H]   or null: zoneout carry fraction of c (1 keeps c_prev).
+//   zh     [B,H]   or null: zoneout carry fraction of h (1 keeps h_prev).
+//   gmask  [B,H]   or null: recurrent-dropout multiplier of the candidate g.
+//   B, H           batch size and hidden size.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void lstm_forward_step_f32(
+    float* z, const float* c_prev, const float* h_prev, float* c, float* h, float forget_bias,
+    const float* mask, const float* zc, const float* zh, const float* gmask,
+    long long B, long long H) {
+  lstm_forward_step_impl<float>(z, c_prev, h_prev, c, h, forget_bias, mask, zc, zh, gmask, B, H);
+}
+
+extern "C" __global__ void lstm_forward_step_f64(
+    double* z, const double* c_prev, const double* h_prev, double* c, double* h,
+    double forget_bias, const double* mask, const double* zc, const double* zh,
+    const double* gmask, long long B, long long H) {
+  lstm_forward_step_impl<double>(z, c_prev, h_prev, c, h, forget_bias, mask, zc, zh, gmask, B, H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// lstm_backward_step_{f32,f64}: gate gradients of one time step (BPTT).
+//
+//   gates   [B,4H]  post-activation i, f, g, o stored by the forward step.
+//   c_prev  [B,H]   cell state of step t-1.
+//   dy      [B,H]   gradient of the loss w.r.t. the step's output (masked inside).
+//   dh_next [B,H]   gradient w.r.t. h_t arriving from step t+1.
+//   dc_next [B,H]   gradient w.r.t. c_t arriving from step t+1.
+//   dz      [B,4H]  out: gradient w.r.t. the pre-activations, blocked i, f, g, o.
+//   dc_prev [B,H]   out: gradient w.r.t. c_{t-1}; may alias dc_next.
+//   dh_skip [B,H]   out: the part of dL/dh_{t-1} that bypasses the gates (kh * dh; the caller
+//                   adds dz @ U^T); may alias dh_next.
+//   mask [B], zc, zh, gmask [B,H], B, H: as in the forward step (null when unused).
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void lstm_backward_step_f32(
+    const float* gates, const float* c_prev, const float* dy, const float* dh_next,
+    const float* dc_next, float* dz, float* dc_prev, float* dh_skip,
+    const float* mask, const float* zc, const float* zh, const float* gmask,
+    long long B, long long H) {
+  lstm_backward_step_impl<float>(gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip,
+                                 mask, zc, zh, gmask, B, H);
+}
+
+extern "C" __global__ void lstm_backward_step_f64(
+    const double* gates, const double* c_prev, const double* dy, const double* dh_next,
+    const double* dc_next, double* dz, double* dc_prev, double* dh_skip,
+    const double* mask, const double* zc, const double* zh, const double* gmask,
+    long long B, long long H) {
+  lstm_backward_step_impl<double>(gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip,
+                                  mask, zc, zh, gmask, B, H);
+}
