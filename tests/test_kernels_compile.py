@@ -1,0 +1,117 @@
+"""Every CUDA kernel compiles to PTX for sm_80 and sm_90, for every dtype, without a GPU.
+
+Two independent compilers, each skipped with the reason where it is missing (at least one
+must run in CI; see ``test_at_least_one_compiler``):
+
+* NVRTC through cupy's bindings (``cupy_backends.cuda.libs.nvrtc``), from the same inlined
+  source that ``CupyBackend`` hands to ``cupy.RawModule`` at run time. Needs cupy and the
+  NVRTC library (pip: ``cupy-cuda13x`` and ``nvidia-cuda-nvrtc``), no driver or device.
+* ``nvcc -ptx`` on the source files as they lie in the package (``-I`` to the kernel folder).
+
+Each PTX must contain a ``.entry`` for every kernel name of ``xlstm.kernels.entry_names()``.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from xlstm.kernels import KERNELS_DIR, entry_names, kernel_path, kernel_source
+
+ARCHS = ("80", "90")
+# The options CupyBackend passes to RawModule (plus the architecture).
+OPTIONS = ("-std=c++17",)
+
+
+def _nvrtc():
+    """cupy's NVRTC module when it can compile here, else None and the reason."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as e:  # cupy missing, or its NVRTC library missing
+        return None, f"cupy's NVRTC bindings are not importable ({type(e).__name__}: {e})"
+    try:
+        nvrtc.getVersion()
+    except Exception as e:
+        return None, (f"the NVRTC library is not loadable ({type(e).__name__}: {e}); "
+                      "pip install nvidia-cuda-nvrtc (CUDA 13) beside cupy-cuda13x")
+    return nvrtc, None
+
+
+def _nvcc():
+    """Path of a working nvcc, else None and the reason."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "nvcc is not on PATH"
+    return nvcc, None
+
+
+def compile_nvrtc(nvrtc, arch: str) -> str:
+    src = kernel_source()
+    prog = nvrtc.createProgram(src, "lstm_kernels.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, OPTIONS + (f"-arch=compute_{arch}",))
+        except nvrtc.NVRTCError:
+            pytest.fail(f"NVRTC failed for compute_{arch}:\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        log = nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert "warning" not in (log or "").lower(), f"NVRTC warnings for compute_{arch}:\n{log}"
+    return ptx.rstrip("\x00")
+
+
+def compile_nvcc(nvcc, arch: str, tmp_path) -> str:
+    out = tmp_path / f"lstm_kernels_sm{arch}.ptx"
+    cmd = [nvcc, "-std=c++17", "-ptx", f"-arch=sm_{arch}", "-Werror", "all-warnings",
+           f"-I{KERNELS_DIR}", str(kernel_path()), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{res.stderr}"
+    return out.read_text()
+
+
+def check_ptx(ptx: str, arch: str, compiler: str) -> None:
+    m = re.search(r"^\s*\.target\s+(\S+)", ptx, re.MULTILINE)
+    assert m and m.group(1).startswith(f"sm_{arch}"), f"{compiler}: PTX .target is {m and m.group(1)}"
+    entries = set(re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", ptx))
+    missing = [n for n in entry_names() if n not in entries]
+    assert not missing, f"{compiler} sm_{arch}: no .entry for {missing} (found {sorted(entries)})"
+    # -use_fast_math would turn tanh into tanh.approx (~1e-3 relative): the tests' 1e-5
+    # float32 tolerance relies on the accurate libdevice tanh
+    assert "tanh.approx" not in ptx, f"{compiler} sm_{arch}: approximate tanh in the PTX"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_ptx(arch):
+    nvrtc, why = _nvrtc()
+    if nvrtc is None:
+        pytest.skip(why)
+    check_ptx(compile_nvrtc(nvrtc, arch), arch, "NVRTC")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_ptx(arch, tmp_path):
+    nvcc, why = _nvcc()
+    if nvcc is None:
+        pytest.skip(why)
+    check_ptx(compile_nvcc(nvcc, arch, tmp_path), arch, "nvcc")
+
+
+def test_at_least_one_compiler():
+    """CI must prove that the kernels compile: fail (not skip) when neither compiler exists."""
+    nvrtc, why_nvrtc = _nvrtc()
+    nvcc, why_nvcc = _nvcc()
+    assert nvrtc is not None or nvcc is not None, (
+        f"no CUDA compiler to check the kernels with: NVRTC: {why_nvrtc}; nvcc: {why_nvcc}. "
+        "Install cupy-cuda13x and nvidia-cuda-nvrtc (pip) or the CUDA toolkit's nvcc.")
+
+
+def test_inlined_source_is_self_contained():
+    """The source RawModule gets has our header pasted in, so cupy's cache key covers it."""
+    src = kernel_source()
+    assert '#include "lstm_pointwise.cuh"' not in src
+    assert "forward_element" in src and "lstm_backward_step_f64" in src
+    assert src.count("namespace xlstm {") == 1
