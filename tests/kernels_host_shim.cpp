@@ -27,6 +27,34 @@ void backward_loop(const T* gates, const T* c_prev, const T* dy, const T* dh_nex
                           mask, zc, zh, gmask);
 }
 
+template <typename T>
+void ln_forward_loop(T* z, T* zhat, T* rstd, T* chat, T* rstd_c, const T* c_prev,
+                     const T* h_prev, T* c, T* h, const T* gain, const T* shift, const T* c_gain,
+                     const T* c_shift, T forget_bias, T eps, const T* mask, const T* zc,
+                     const T* zh, const T* gmask, long long B, long long H) {
+  xlstm::SerialRows r;
+  for (long long b = 0; b < B; ++b)
+    xlstm::ln_forward_row<T>(r, b, H, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain,
+                             shift, c_gain, c_shift, forget_bias, eps, mask, zc, zh, gmask);
+}
+
+// The backward row loop followed by the column sums, as the backend launches the two kernels.
+template <typename T>
+void ln_backward_loop(const T* gates, const T* zhat, const T* rstd, const T* chat,
+                      const T* rstd_c, const T* c_prev, const T* gain, const T* c_gain,
+                      const T* c_shift, const T* dy, const T* dh_next, const T* dc_next, T* dz,
+                      T* dc_prev, T* dh_skip, T* part, T* dgain, T* dshift, T* dc_gain,
+                      T* dc_shift, const T* mask, const T* zc, const T* zh, const T* gmask,
+                      long long B, long long H) {
+  xlstm::SerialRows r;
+  for (long long b = 0; b < B; ++b)
+    xlstm::ln_backward_row<T>(r, b, H, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain,
+                              c_shift, dy, dh_next, dc_next, dz, dc_prev, dh_skip, part, mask,
+                              zc, zh, gmask);
+  for (long long n = 0; n < 10 * H; ++n)
+    xlstm::ln_accumulate_column<T>(n, B, H, part, dgain, dshift, dc_gain, dc_shift);
+}
+
 }  // namespace
 
 extern "C" {
@@ -61,5 +89,27 @@ void host_lstm_backward_step_f64(const double* gates, const double* c_prev, cons
   backward_loop<double>(gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip, mask, zc, zh,
                         gmask, B, H);
 }
+
+#define XLSTM_LN_SHIM(T, SFX)                                                                \
+  void host_ln_lstm_forward_step_##SFX(                                                       \
+      T* z, T* zhat, T* rstd, T* chat, T* rstd_c, const T* c_prev, const T* h_prev, T* c, T* h, \
+      const T* gain, const T* shift, const T* c_gain, const T* c_shift, T forget_bias, T eps,  \
+      const T* mask, const T* zc, const T* zh, const T* gmask, long long B, long long H) {     \
+    ln_forward_loop<T>(z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, shift, c_gain, \
+                       c_shift, forget_bias, eps, mask, zc, zh, gmask, B, H);                  \
+  }                                                                                            \
+  void host_ln_lstm_backward_step_##SFX(                                                      \
+      const T* gates, const T* zhat, const T* rstd, const T* chat, const T* rstd_c,            \
+      const T* c_prev, const T* gain, const T* c_gain, const T* c_shift, const T* dy,          \
+      const T* dh_next, const T* dc_next, T* dz, T* dc_prev, T* dh_skip, T* part, T* dgain,    \
+      T* dshift, T* dc_gain, T* dc_shift, const T* mask, const T* zc, const T* zh,             \
+      const T* gmask, long long B, long long H) {                                              \
+    ln_backward_loop<T>(gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy,    \
+                        dh_next, dc_next, dz, dc_prev, dh_skip, part, dgain, dshift, dc_gain,  \
+                        dc_shift, mask, zc, zh, gmask, B, H);                                  \
+  }
+
+XLSTM_LN_SHIM(float, f32)
+XLSTM_LN_SHIM(double, f64)
 
 }  // extern "C"

@@ -6,6 +6,9 @@ with ctypes. Its results must match ``NumpyBackend`` (the in-place reference) an
 ``xlstm.cell`` (the readable reference) on random inputs, extreme inputs (|z| up to 1e4, |c| up
 to 1e3), masks with finished rows, zoneout (Bernoulli and expected fractions) and recurrent
 dropout, per dtype: float64 to 1e-12, float32 to 1e-6, normwise max|a-b| / max(max|b|, 1).
+The LayerNorm LSTM step (row functions with the row sums done by one serial worker instead of
+a thread block, then the column sums of the parameter gradients) is held to
+``NumpyBackend.ln_lstm_*_step`` and ``xlstm.layernorm.ln_cell_*`` the same way.
 This is how CI checks the CUDA math without a GPU (see DESIGN.md).
 """
 from __future__ import annotations
@@ -53,6 +56,12 @@ def lib(tmp_path_factory):
         bwd = getattr(so, f"host_lstm_backward_step_{sfx}")
         bwd.argtypes = [P] * 12 + [ctypes.c_longlong] * 2
         bwd.restype = None
+        lnf = getattr(so, f"host_ln_lstm_forward_step_{sfx}")
+        lnf.argtypes = [P] * 13 + [CTYPE[dt]] * 2 + [P] * 4 + [ctypes.c_longlong] * 2
+        lnf.restype = None
+        lnb = getattr(so, f"host_ln_lstm_backward_step_{sfx}")
+        lnb.argtypes = [P] * 24 + [ctypes.c_longlong] * 2
+        lnb.restype = None
     return so
 
 
@@ -272,6 +281,106 @@ def test_sigmoid_saturates_without_overflow(lib):
         gates, c, h = host_forward(lib, z, c_prev, h_prev, 0.0)
         assert np.all(np.isfinite(gates)) and np.all(np.isfinite(c)) and np.all(np.isfinite(h))
         np.testing.assert_array_equal(gates, [[1, 0, 1, 0, -1, 1, 0, 1]])
+
+
+# -- LayerNorm LSTM step ------------------------------------------------------------------------
+LN_SIZES = [(1, 1), (3, 5), (4, 33), (2, 64)]
+LN_CASES = [(dt, B, H, kind, eps) for dt in (np.float64, np.float32) for (B, H) in LN_SIZES
+            for kind in MODS for eps in (1e-12, 1e-5)]
+
+
+def _ln_id(case):
+    dt, B, H, kind, eps = case
+    return f"{np.dtype(dt).name}-B{B}H{H}-{kind}-eps{eps:g}"
+
+
+def make_ln_params(rng, H, dt):
+    gain = (1.0 + 0.3 * rng.standard_normal(4 * H)).astype(dt)
+    shift = (0.2 * rng.standard_normal(4 * H)).astype(dt)
+    c_gain = (1.0 + 0.3 * rng.standard_normal(H)).astype(dt)
+    c_shift = (0.2 * rng.standard_normal(H)).astype(dt)
+    return gain, shift, c_gain, c_shift
+
+
+def host_ln_forward(lib, z, c_prev, h_prev, gain, shift, c_gain, c_shift, fb, eps,
+                    mask=None, zc=None, zh=None, gmask=None):
+    """The kernel's LN forward over a copy of z. Returns (gates, zhat, rstd, chat, rstd_c, c, h)."""
+    dt = z.dtype.type
+    B, H = c_prev.shape
+    gates = z.copy()
+    zhat = np.full_like(z, np.nan)
+    rstd, rstd_c = np.full((B, 4), np.nan, dt), np.full(B, np.nan, dt)
+    chat, c, h = (np.full_like(c_prev, np.nan) for _ in range(3))
+    getattr(lib, f"host_ln_lstm_forward_step_{SUFFIX[dt]}")(
+        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, shift, c_gain,
+                    c_shift)), dt(fb), dt(eps), *map(_ptr, (mask, zc, zh, gmask)), B, H)
+    return gates, zhat, rstd, chat, rstd_c, c, h
+
+
+@pytest.mark.parametrize("case", LN_CASES, ids=[_ln_id(c) for c in LN_CASES])
+def test_ln_step_matches_numpy(lib, case):
+    from xlstm.layernorm import ln_cell_backward, ln_cell_forward
+
+    dt, B, H, kind, eps = case
+    be = NumpyBackend()
+    if not hasattr(be, "ln_lstm_forward_step"):
+        pytest.skip("the NumPy backend has no ln_lstm_forward_step")
+    rng = np.random.default_rng([11, B, H, MODS.index(kind), int(eps < 1e-6), np.dtype(dt).itemsize])
+    z, c_prev, h_prev = make_inputs(rng, B, H, dt, False)
+    params = make_ln_params(rng, H, dt)
+    gain, shift, c_gain, c_shift = params
+    mods = make_mods(rng, kind, B, H, dt)
+    fb = 1.0
+
+    # forward: kernel vs the NumPy backend vs the readable reference
+    got = host_ln_forward(lib, z, c_prev, h_prev, *params, fb, eps, *mods)
+    zn = z.copy()
+    want = [zn, np.empty_like(z), np.empty((B, 4), dt), np.empty_like(c_prev), np.empty(B, dt),
+            np.empty_like(c_prev), np.empty_like(h_prev)]
+    be.ln_lstm_forward_step(zn, want[1], want[2], want[3], want[4], c_prev, h_prev, want[5], want[6],
+                            *params, fb, eps, *mods)
+    ref = ln_cell_forward(z, c_prev, h_prev, *params, fb, eps, *mods)
+    refs = [ref["gates"], ref["zhat"], ref["rstd"].reshape(B, 4), ref["chat"], ref["rstd_c"].reshape(B),
+            ref["c"], ref["h"]]
+    names = ["gates", "zhat", "rstd", "chat", "rstd_c", "c", "h"]
+    for name, g_, w_, r_ in zip(names, got, want, refs):
+        if name.startswith("rstd"):     # ~1/sqrt(eps) on constant rows: compare relatively
+            g_, w_, r_ = g_ / w_, np.ones_like(w_), r_ / w_
+        check(f"LN forward {name} vs NumpyBackend", dt, g_, w_)
+        check(f"LN forward {name} vs layernorm", dt, g_, r_)
+    gates, zhat, rstd, chat, rstd_c = got[:5]
+
+    # backward: accumulators start non-zero to check that the kernel adds (+=)
+    dy, dh_next, dc_next = make_grads(rng, B, H, dt, False)
+    acc0 = [rng.standard_normal(n).astype(dt) for n in (4 * H, 4 * H, H, H)]
+    dz, dc_prev, dh_skip = (np.full_like(a, np.nan) for a in (z, c_prev, c_prev))
+    part = np.full((B, 10 * H), np.nan, dt)
+    acc = [a.copy() for a in acc0]
+    getattr(lib, f"host_ln_lstm_backward_step_{SUFFIX[dt]}")(
+        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy, dh_next,
+                    dc_next, dz, dc_prev, dh_skip, part, *acc, *mods)), B, H)
+
+    dzn, dcn, dhn = np.empty_like(z), np.empty_like(c_prev), np.empty_like(c_prev)
+    accn = [a.copy() for a in acc0]
+    be.ln_lstm_backward_step(gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift,
+                             dy, dh_next, dc_next, dzn, dcn, dhn, *accn, *mods)
+    rb = ln_cell_backward(ref, c_prev, gain, c_gain, dy, dh_next, dc_next, *mods)
+    accr = [a0 + rb[k] for a0, k in zip(acc0, ("dgain", "dshift", "dc_gain", "dc_shift"))]
+    for name, g_, w_, r_ in zip(["dz", "dc_prev", "dh_skip", "dgain", "dshift", "dc_gain", "dc_shift"],
+                                [dz, dc_prev, dh_skip, *acc], [dzn, dcn, dhn, *accn],
+                                [rb["dz"], rb["dc_prev"], rb["dh_skip"], *accr]):
+        check(f"LN backward {name} vs NumpyBackend", dt, g_, w_)
+        check(f"LN backward {name} vs layernorm", dt, g_, r_)
+
+    # aliasing as the layer calls it: dc_prev is dc_next, dh_skip is dh_next
+    dca, dha = dc_next.copy(), dh_next.copy()
+    dza = np.full_like(z, np.nan)
+    acca = [a.copy() for a in acc0]
+    getattr(lib, f"host_ln_lstm_backward_step_{SUFFIX[dt]}")(
+        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy, dha,
+                    dca, dza, dca, dha, part, *acca, *mods)), B, H)
+    assert np.array_equal(dza, dz) and np.array_equal(dca, dc_prev) and np.array_equal(dha, dh_skip)
+    assert all(np.array_equal(a, b) for a, b in zip(acca, acc))
 
 
 def test_zz_report_max_errors():

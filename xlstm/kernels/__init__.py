@@ -47,7 +47,8 @@ def kernel_source(name: str = MAIN_SOURCE) -> str:
 
 
 # Kernel entry points per dtype suffix; the tests check that each one compiles.
-KERNEL_NAMES = ("lstm_forward_step", "lstm_backward_step")
+KERNEL_NAMES = ("lstm_forward_step", "lstm_backward_step",
+                "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate")
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
 
 

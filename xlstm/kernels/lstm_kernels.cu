@@ -111,3 +111,159 @@ extern "C" __global__ void lstm_backward_step_f64(
   lstm_backward_step_impl<double>(gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip,
                                   mask, zc, zh, gmask, B, H);
 }
+
+// =============================================================================================
+// LayerNorm LSTM step: one thread block per batch row (the row's layer-norm sums are block
+// reductions), plus one column kernel that adds the rows' parameter-gradient contributions.
+// =============================================================================================
+namespace {
+
+// The Rows policy of ln_forward_row / ln_backward_row for one thread block per row: thread t
+// handles units j = t, t + blockDim.x, ...; sums are warp shuffles, then one warp over the
+// per-warp partials in shared memory. blockDim.x must be a multiple of 32 (at most 1024).
+// Each sum is deterministic for a given blockDim.
+struct BlockRows {
+  __device__ xlstm::index_t first() const { return threadIdx.x; }
+  __device__ xlstm::index_t stride() const { return blockDim.x; }
+  __device__ bool leader() const { return threadIdx.x == 0; }
+
+  template <typename T, int N>
+  __device__ void sum(T (&v)[N]) const {
+    __shared__ T partial[N][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
+    __syncthreads();  // the previous sum's readers are done with `partial`
+    if (lane == 0)
+      for (int k = 0; k < N; ++k) partial[k][warp] = v[k];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        T x = lane < warps ? partial[k][lane] : T(0);
+        for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
+        if (lane == 0) partial[k][0] = x;
+      }
+    }
+    __syncthreads();
+    for (int k = 0; k < N; ++k) v[k] = partial[k][0];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void ln_lstm_forward_step_impl(
+    T* z, T* zhat, T* rstd, T* chat, T* rstd_c, const T* c_prev, const T* h_prev, T* c, T* h,
+    const T* gain, const T* shift, const T* c_gain, const T* c_shift, T forget_bias, T eps,
+    const T* mask, const T* zc, const T* zh, const T* gmask, xlstm::index_t B, xlstm::index_t H) {
+  BlockRows r;
+  for (xlstm::index_t b = blockIdx.x; b < B; b += gridDim.x)   // uniform per block
+    xlstm::ln_forward_row<T>(r, b, H, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain,
+                             shift, c_gain, c_shift, forget_bias, eps, mask, zc, zh, gmask);
+}
+
+template <typename T>
+__device__ __forceinline__ void ln_lstm_backward_step_impl(
+    const T* gates, const T* zhat, const T* rstd, const T* chat, const T* rstd_c,
+    const T* c_prev, const T* gain, const T* c_gain, const T* c_shift, const T* dy,
+    const T* dh_next, const T* dc_next, T* dz, T* dc_prev, T* dh_skip, T* part,
+    const T* mask, const T* zc, const T* zh, const T* gmask, xlstm::index_t B, xlstm::index_t H) {
+  BlockRows r;
+  for (xlstm::index_t b = blockIdx.x; b < B; b += gridDim.x)
+    xlstm::ln_backward_row<T>(r, b, H, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain,
+                              c_shift, dy, dh_next, dc_next, dz, dc_prev, dh_skip, part, mask,
+                              zc, zh, gmask);
+}
+
+template <typename T>
+__device__ __forceinline__ void ln_accumulate_impl(const T* part, T* dgain, T* dshift,
+                                                   T* dc_gain, T* dc_shift, xlstm::index_t B,
+                                                   xlstm::index_t H) {
+  const xlstm::index_t total = 10 * H;
+  const xlstm::index_t stride = (xlstm::index_t)gridDim.x * blockDim.x;
+  for (xlstm::index_t n = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x; n < total;
+       n += stride)
+    xlstm::ln_accumulate_column<T>(n, B, H, part, dgain, dshift, dc_gain, dc_shift);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// ln_lstm_forward_step_{f32,f64}: one LayerNorm LSTM step forward. Launch: one block per row
+// (grid.x <= B; extra rows are taken in a block-stride loop), blockDim.x a multiple of 32.
+//
+//   z [B,4H] in: x@W + h_prev@U (no bias); out: gates i, f, g, o.   zhat [B,4H] out.
+//   rstd [B,4] out.   chat [B,H] out.   rstd_c [B] out.
+//   c_prev, h_prev [B,H] in.   c, h [B,H] out (must not alias c_prev/h_prev).
+//   gain, shift [4H];  c_gain, c_shift [H];  forget_bias, eps: scalars of the dtype.
+//   mask [B], zc, zh, gmask [B,H]: or null.   B, H: sizes.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void ln_lstm_forward_step_f32(
+    float* z, float* zhat, float* rstd, float* chat, float* rstd_c, const float* c_prev,
+    const float* h_prev, float* c, float* h, const float* gain, const float* shift,
+    const float* c_gain, const float* c_shift, float forget_bias, float eps, const float* mask,
+    const float* zc, const float* zh, const float* gmask, long long B, long long H) {
+  ln_lstm_forward_step_impl<float>(z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, shift,
+                                   c_gain, c_shift, forget_bias, eps, mask, zc, zh, gmask, B, H);
+}
+
+extern "C" __global__ void ln_lstm_forward_step_f64(
+    double* z, double* zhat, double* rstd, double* chat, double* rstd_c, const double* c_prev,
+    const double* h_prev, double* c, double* h, const double* gain, const double* shift,
+    const double* c_gain, const double* c_shift, double forget_bias, double eps,
+    const double* mask, const double* zc, const double* zh, const double* gmask, long long B,
+    long long H) {
+  ln_lstm_forward_step_impl<double>(z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain,
+                                    shift, c_gain, c_shift, forget_bias, eps, mask, zc, zh, gmask,
+                                    B, H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ln_lstm_backward_step_{f32,f64}: one LayerNorm LSTM step backward, per row (launch as the
+// forward). Follow it with ln_accumulate_{f32,f64} to add `part` into the parameter gradients.
+//
+//   gates, zhat [B,4H], rstd [B,4], chat [B,H], rstd_c [B]: stored by the forward step.
+//   c_prev [B,H].   gain [4H], c_gain, c_shift [H].
+//   dy, dh_next, dc_next [B,H] in.   dz [B,4H] out.
+//   dc_prev [B,H] out (may alias dc_next).   dh_skip [B,H] out (may alias dh_next).
+//   part [B,10H] out: per-row gradient contributions (see ln_backward_row).
+//   mask [B], zc, zh, gmask [B,H]: or null.   B, H: sizes.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void ln_lstm_backward_step_f32(
+    const float* gates, const float* zhat, const float* rstd, const float* chat,
+    const float* rstd_c, const float* c_prev, const float* gain, const float* c_gain,
+    const float* c_shift, const float* dy, const float* dh_next, const float* dc_next, float* dz,
+    float* dc_prev, float* dh_skip, float* part, const float* mask, const float* zc,
+    const float* zh, const float* gmask, long long B, long long H) {
+  ln_lstm_backward_step_impl<float>(gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift,
+                                    dy, dh_next, dc_next, dz, dc_prev, dh_skip, part, mask, zc, zh,
+                                    gmask, B, H);
+}
+
+extern "C" __global__ void ln_lstm_backward_step_f64(
+    const double* gates, const double* zhat, const double* rstd, const double* chat,
+    const double* rstd_c, const double* c_prev, const double* gain, const double* c_gain,
+    const double* c_shift, const double* dy, const double* dh_next, const double* dc_next,
+    double* dz, double* dc_prev, double* dh_skip, double* part, const double* mask,
+    const double* zc, const double* zh, const double* gmask, long long B, long long H) {
+  ln_lstm_backward_step_impl<double>(gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain,
+                                     c_shift, dy, dh_next, dc_next, dz, dc_prev, dh_skip, part,
+                                     mask, zc, zh, gmask, B, H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ln_accumulate_{f32,f64}: dgain [4H], dshift [4H], dc_gain [H], dc_shift [H] += the column
+// sums of part [B,10H] over its B rows. One thread per column (grid-stride), coalesced reads.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void ln_accumulate_f32(const float* part, float* dgain, float* dshift,
+                                             float* dc_gain, float* dc_shift, long long B,
+                                             long long H) {
+  ln_accumulate_impl<float>(part, dgain, dshift, dc_gain, dc_shift, B, H);
+}
+
+extern "C" __global__ void ln_accumulate_f64(const double* part, double* dgain, double* dshift,
+                                             double* dc_gain, double* dc_shift, long long B,
+                                             long long H) {
+  ln_accumulate_impl<double>(part, dgain, dshift, dc_gain, dc_shift, B, H);
+}

@@ -56,6 +56,21 @@ XLSTM_HD double tanh_t(double x) {
 #endif
 }
 
+XLSTM_HD float sqrt_t(float x) {
+#if defined(__CUDACC__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+XLSTM_HD double sqrt_t(double x) {
+#if defined(__CUDACC__)
+  return sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // sigmoid(x) = 1 / (1 + exp(-x)) written as 0.5 * tanh(0.5 x) + 0.5: it never overflows
 // (exp(-x) does for x < -88 in float32) and it matches the NumPy backend operation for operation.
 template <typename T>
@@ -175,6 +190,212 @@ XLSTM_HD void backward_at(index_t n, index_t H,
                       dzr[0], dzr[H], dzr[2 * H], dzr[3 * H], dc_prev_n, dh_skip_n);
   dc_prev[n] = dc_prev_n;
   dh_skip[n] = dh_skip_n;
+}
+
+// =============================================================================================
+// LayerNorm LSTM step (TensorFlow's LayerNormBasicLSTMCell), equations in xlstm/backends/base.py
+// and xlstm/layernorm.py. Per batch row b, each gate block z_k [H] and c_new [H] is normalised
+// on its own: vhat = (v - mean) * rstd, rstd = 1/sqrt(biased var + eps), two passes (mean, then
+// the variance of the centred values), as the NumPy backend computes them.
+//
+// A row needs sums over its H units, so these functions run per row and take a Rows policy R
+// that says which units the caller handles and how partial sums are combined:
+//   r.first(), r.stride(): this worker's units are j = first, first+stride, ... < H
+//   r.leader():            true for the one worker that writes per-row scalars (rstd)
+//   r.sum(v):              v[0..N) <- the sum of v over all workers of the row (T (&v)[N])
+// The CUDA kernels use one thread block per row (a block reduction, lstm_kernels.cu); the host
+// checks use one worker per row (SerialRows below), so both run this very code. Between two
+// sums a worker only touches its own units, which is why no other synchronisation is needed.
+// =============================================================================================
+
+// One worker for the whole row: the host build (and any sequential caller).
+struct SerialRows {
+  XLSTM_HD index_t first() const { return 0; }
+  XLSTM_HD index_t stride() const { return 1; }
+  XLSTM_HD bool leader() const { return true; }
+  template <typename T, int N>
+  XLSTM_HD void sum(T (&)[N]) const {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward of row b of one LayerNorm LSTM step.
+//
+//   z       [B,4H]  in: raw pre-activations x@W + h_prev@U (no bias), blocked i, f, g, o;
+//                   out: post-activation gates i, f, g, o (g before dropout).
+//   zhat    [B,4H]  out: normalised pre-activations (before gain/shift).
+//   rstd    [B,4]   out: 1/sqrt(var + eps) per row and gate.
+//   chat    [B,H]   out: normalised c_new (before c_gain/c_shift); scratch for c_new meanwhile.
+//   rstd_c  [B]     out: 1/sqrt(var(c_new) + eps) per row.
+//   c_prev, h_prev [B,H]  state of step t-1.   c, h [B,H]  out: state of step t.
+//   gain, shift [4H]  per-gate LN gain and shift (blocked i, f, g, o).
+//   c_gain, c_shift [H]  LN gain and shift of the cell state.
+//   forget_bias, eps  scalars.   mask [B], zc, zh, gmask [B,H]: as forward_at (null = unused).
+// ---------------------------------------------------------------------------------------------
+template <typename T, class R>
+XLSTM_HD void ln_forward_row(R& r, index_t b, index_t H, T* z, T* zhat, T* rstd, T* chat,
+                             T* rstd_c, const T* c_prev, const T* h_prev, T* c, T* h,
+                             const T* gain, const T* shift, const T* c_gain, const T* c_shift,
+                             T forget_bias, T eps, const T* mask, const T* zc, const T* zh,
+                             const T* gmask) {
+  T* zr = z + b * 4 * H;
+  T* zhr = zhat + b * 4 * H;
+  const T inv_H = T(1) / T(H);
+  // pass 1 and 2: mean, then biased variance, of each gate block
+  T s[4] = {T(0), T(0), T(0), T(0)};
+  for (index_t j = r.first(); j < H; j += r.stride())
+    for (int k = 0; k < 4; ++k) s[k] += zr[k * H + j];
+  r.sum(s);
+  T mean[4];
+  for (int k = 0; k < 4; ++k) { mean[k] = s[k] * inv_H; s[k] = T(0); }
+  for (index_t j = r.first(); j < H; j += r.stride())
+    for (int k = 0; k < 4; ++k) { const T d = zr[k * H + j] - mean[k]; s[k] += d * d; }
+  r.sum(s);
+  T rs[4];
+  for (int k = 0; k < 4; ++k) rs[k] = T(1) / sqrt_t(s[k] * inv_H + eps);
+  if (r.leader())
+    for (int k = 0; k < 4; ++k) rstd[b * 4 + k] = rs[k];
+  // pass 3: gates and c_new (kept in chat until its own mean and variance are known)
+  const T m = load_or(mask, b, T(1));
+  T sc[1] = {T(0)};
+  for (index_t j = r.first(); j < H; j += r.stride()) {
+    T a[4];
+    for (int k = 0; k < 4; ++k) {
+      const T zh_k = (zr[k * H + j] - mean[k]) * rs[k];
+      zhr[k * H + j] = zh_k;
+      a[k] = zh_k * gain[k * H + j] + shift[k * H + j];
+    }
+    const T i = sigmoid(a[0]), f = sigmoid(a[1] + forget_bias), g = tanh_t(a[2]), o = sigmoid(a[3]);
+    zr[j] = i; zr[H + j] = f; zr[2 * H + j] = g; zr[3 * H + j] = o;
+    const index_t n = b * H + j;
+    const T c_new = f * c_prev[n] + i * (g * load_or(gmask, n, T(1)));
+    chat[n] = c_new;
+    sc[0] += c_new;
+  }
+  r.sum(sc);
+  const T mean_c = sc[0] * inv_H;
+  sc[0] = T(0);
+  for (index_t j = r.first(); j < H; j += r.stride()) {
+    const T d = chat[b * H + j] - mean_c;
+    sc[0] += d * d;
+  }
+  r.sum(sc);
+  const T rc = T(1) / sqrt_t(sc[0] * inv_H + eps);
+  if (r.leader()) rstd_c[b] = rc;
+  // pass 4: normalise c_new, the new state, and the carry (mask / zoneout) as the plain step
+  for (index_t j = r.first(); j < H; j += r.stride()) {
+    const index_t n = b * H + j;
+    const T ch = (chat[n] - mean_c) * rc;
+    chat[n] = ch;
+    const T cn = ch * c_gain[j] + c_shift[j];
+    const T h_new = zr[3 * H + j] * tanh_t(cn);
+    const T wc = m * (T(1) - load_or(zc, n, T(0)));
+    const T wh = m * (T(1) - load_or(zh, n, T(0)));
+    c[n] = (T(1) - wc) * c_prev[n] + wc * cn;
+    h[n] = (T(1) - wh) * h_prev[n] + wh * h_new;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward of row b of one LayerNorm LSTM step.
+//
+//   gates, zhat [B,4H], rstd [B,4], chat [B,H], rstd_c [B]: stored by ln_forward_row.
+//   c_prev [B,H]  the (carried) cell state of step t-1.
+//   gain [4H], c_gain, c_shift [H]: the LN parameters.
+//   dy, dh_next, dc_next [B,H]: as backward_at.
+//   dz      [B,4H]  out: gradient w.r.t. the raw pre-activations z.
+//   dc_prev [B,H]   out (may alias dc_next).   dh_skip [B,H]  out, kh*dh (may alias dh_next).
+//   part    [B,10H] out: this row's contributions to the parameter gradients, summed over the
+//                   rows afterwards by ln_accumulate_column (deterministically, no atomics):
+//                   [0,4H) dzn*zhat (dgain), [4H,8H) dzn (dshift), [8H,9H) dcn*chat (dc_gain),
+//                   [9H,10H) dcn (dc_shift).
+//   mask [B], zc, zh, gmask [B,H]: as backward_at (null = unused).
+// ---------------------------------------------------------------------------------------------
+template <typename T, class R>
+XLSTM_HD void ln_backward_row(R& r, index_t b, index_t H, const T* gates, const T* zhat,
+                              const T* rstd, const T* chat, const T* rstd_c, const T* c_prev,
+                              const T* gain, const T* c_gain, const T* c_shift, const T* dy,
+                              const T* dh_next, const T* dc_next, T* dz, T* dc_prev, T* dh_skip,
+                              T* part, const T* mask, const T* zc, const T* zh, const T* gmask) {
+  const T* gr = gates + b * 4 * H;
+  const T* zhr = zhat + b * 4 * H;
+  T* dzr = dz + b * 4 * H;
+  T* pr = part + b * 10 * H;
+  const T inv_H = T(1) / T(H);
+  const T m = load_or(mask, b, T(1));
+  const T rc = rstd_c[b];
+  // pass 1: dcn (gradient w.r.t. LN(c_new)), dzn_o, and the sums of the c layer norm backward.
+  // dcn waits in pr[9H+j] (its dc_shift slot) and dzn_o in dzr[3H+j] until pass 2.
+  T s2[2] = {T(0), T(0)};
+  for (index_t j = r.first(); j < H; j += r.stride()) {
+    const index_t n = b * H + j;
+    const T o = gr[3 * H + j];
+    const T wh = m * (T(1) - load_or(zh, n, T(0)));
+    const T wc = m * (T(1) - load_or(zc, n, T(0)));
+    const T dh_new = wh * (m * dy[n] + dh_next[n]);
+    const T ch = chat[n];
+    const T tc = tanh_t(ch * c_gain[j] + c_shift[j]);
+    const T dcn = wc * dc_next[n] + dh_new * o * (T(1) - tc * tc);
+    dzr[3 * H + j] = dh_new * tc * (o - o * o);
+    pr[8 * H + j] = dcn * ch;
+    pr[9 * H + j] = dcn;
+    const T dchat = dcn * c_gain[j];
+    s2[0] += dchat;
+    s2[1] += dchat * ch;
+  }
+  r.sum(s2);
+  const T mc1 = s2[0] * inv_H, mc2 = s2[1] * inv_H;
+  // pass 2: dCt, the gate gradients dzn w.r.t. LN(z), dc_prev, dh_skip, and the gate sums
+  T s8[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  for (index_t j = r.first(); j < H; j += r.stride()) {
+    const index_t n = b * H + j;
+    const T i = gr[j], f = gr[H + j], g = gr[2 * H + j];
+    const T gm = load_or(gmask, n, T(1));
+    const T dCt = rc * (pr[9 * H + j] * c_gain[j] - mc1 - chat[n] * mc2);
+    T dzn[4];
+    dzn[0] = dCt * (g * gm) * (i - i * i);
+    dzn[1] = dCt * c_prev[n] * (f - f * f);
+    dzn[2] = dCt * i * gm * (T(1) - g * g);
+    dzn[3] = dzr[3 * H + j];
+    // read dh_next / dc_next of element n before writing dh_skip / dc_prev (they may alias)
+    const T wh = m * (T(1) - load_or(zh, n, T(0)));
+    const T wc = m * (T(1) - load_or(zc, n, T(0)));
+    const T dh = m * dy[n] + dh_next[n];
+    const T dcp = (T(1) - wc) * dc_next[n] + dCt * f;
+    dh_skip[n] = (T(1) - wh) * dh;
+    dc_prev[n] = dcp;
+    for (int k = 0; k < 4; ++k) {
+      const T zh_k = zhr[k * H + j];
+      pr[k * H + j] = dzn[k] * zh_k;
+      pr[4 * H + k * H + j] = dzn[k];
+      const T dzhat = dzn[k] * gain[k * H + j];
+      dzr[k * H + j] = dzhat;
+      s8[2 * k] += dzhat;
+      s8[2 * k + 1] += dzhat * zh_k;
+    }
+  }
+  r.sum(s8);
+  // pass 3: layer norm backward of each gate block, dz = rstd * (dzhat - mean - zhat * mean2)
+  T rs[4];
+  for (int k = 0; k < 4; ++k) rs[k] = rstd[b * 4 + k];
+  for (index_t j = r.first(); j < H; j += r.stride())
+    for (int k = 0; k < 4; ++k)
+      dzr[k * H + j] = rs[k] * (dzr[k * H + j] - s8[2 * k] * inv_H - zhr[k * H + j] * s8[2 * k + 1] * inv_H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column n in [0,10H) of the parameter-gradient sums: acc += sum over the B rows of part[:, n],
+// where acc is dgain [4H] (n < 4H), dshift [4H] (n < 8H), dc_gain [H] (n < 9H), dc_shift [H].
+// Rows are added in order b = 0..B-1, so the result does not depend on the launch.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+XLSTM_HD void ln_accumulate_column(index_t n, index_t B, index_t H, const T* part, T* dgain,
+                                   T* dshift, T* dc_gain, T* dc_shift) {
+  T s = T(0);
+  for (index_t b = 0; b < B; ++b) s += part[b * 10 * H + n];
+  if (n < 4 * H) dgain[n] += s;
+  else if (n < 8 * H) dshift[n - 4 * H] += s;
+  else if (n < 9 * H) dc_gain[n - 8 * H] += s;
+  else dc_shift[n - 9 * H] += s;
 }
 
 }  // namespace xlstm
