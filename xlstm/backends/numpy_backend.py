@@ -191,6 +191,14 @@ class NumpyBackend(Backend):
         d3 -= prod
         d3 *= rstd[:, :, None]
 
+    @staticmethod
+    def _check_rows(*arrays):
+        """The [B,4H] buffers are viewed as [B,4,H]; a non-contiguous one would be copied by
+        reshape and the in-place result lost, so refuse it."""
+        for a in arrays:
+            if not a.flags.c_contiguous:
+                raise ValueError("ln_lstm_*_step: the [B,4H] buffers must be C-contiguous")
+
     def _acc_rows(self, acc, a, b=None):
         """acc += sum over rows of a (times b): the gain/shift gradients of one step."""
         red = self._tmp("ln_red", acc.shape, acc.dtype)
@@ -205,6 +213,7 @@ class NumpyBackend(Backend):
                              gain, shift, c_gain, c_shift, forget_bias, eps,
                              mask=None, zc=None, zh=None, gmask=None) -> None:
         B, H = c.shape
+        self._check_rows(z, zhat)
         self._ln_rows(z.reshape(B, 4, H), zhat.reshape(B, 4, H), rstd, eps)
         np.multiply(zhat, gain, out=z)
         z += shift
@@ -242,6 +251,7 @@ class NumpyBackend(Backend):
                               dgain, dshift, dc_gain, dc_shift,
                               mask=None, zc=None, zh=None, gmask=None) -> None:
         B, H = c_prev.shape
+        self._check_rows(dz, zhat)
         shape, dt = c_prev.shape, c_prev.dtype
         i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
         dz_i, dz_f, dz_g, dz_o = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
