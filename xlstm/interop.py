@@ -122,6 +122,9 @@ def from_tf(kernels, biases, forget_bias: float = 1.0, layer_norm=None, dtype=No
     if dtype is None:
         dtype = k0.dtype.name if k0.dtype.name in ("float32", "float64") else "float32"
     ln = layer_norm is not None
+    if ln and (not isinstance(layer_norm, (list, tuple)) or len(layer_norm) != len(kernels)):
+        raise InputError(f"from_tf: layer_norm must be a list with one dict per layer ({len(kernels)}), "
+                         f"got {type(layer_norm).__name__} of length {len(layer_norm) if hasattr(layer_norm, '__len__') else '?'}")
     lstm = LSTM(D, H, num_layers=len(kernels), forget_bias=forget_bias, layer_norm=ln,
                 dtype=dtype, backend=backend)
     state = {}
