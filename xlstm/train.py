@@ -1,0 +1,514 @@
+"""``xlstm train``: a character- or word-level language model, trained by truncated BPTT.
+
+    Embedding -> LSTM (layers, LayerNorm, recurrent dropout, zoneout) -> Dense -> softmax cross-entropy
+
+The corpus is cut into ``--batch`` streams read in windows of ``--seq-len`` tokens, the LSTM
+state carried from window to window; Adam with global-norm clipping and a warm-up + cosine
+learning rate. Without ``--text`` it trains on the Python standard library's source (no
+download). Checkpoints (see ``xlstm/checkpoint.py``) hold everything a run depends on, so
+``--resume`` continues exactly: on the CPU the resumed losses equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+from . import backends, checkpoint, data
+from .errors import InputError, XlstmError
+
+# Defaults of the README's main job: measured on a 2-core CPU to finish in under 3 minutes
+# with a validation loss well below the unigram entropy (see the README).
+DEFAULTS = dict(level="char", hidden=256, layers=1, embed=64, layer_norm=False, dropout=0.0,
+                zoneout=0.0, seq_len=64, batch=32, steps=None, epochs=None, lr=3e-3, warmup=50,
+                schedule="cosine", clip=1.0, weight_decay=0.0, seed=0, dtype="float32",
+                val_fraction=0.1, text=None, encoding="utf-8", max_chars=None, vocab_size=5000,
+                eval_every=100, eval_tokens=40_000, save_every=200, keep=3, log_every=10)
+DEFAULT_STEPS = 600
+# options that only steer the run (may differ on --resume); every other option is part of
+# what a checkpoint continues and must match it
+RUN_CONTROL = {"steps", "epochs", "eval_every", "eval_tokens", "save_every", "keep", "log_every"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    g = p.add_argument_group("data")
+    g.add_argument("--text", metavar="FILE", help="training text (default: the Python standard library's source, no download)")
+    g.add_argument("--encoding", metavar="CODEC", help="encoding of --text (default utf-8)")
+    g.add_argument("--level", choices=data.LEVELS, help="tokens: characters (default) or words")
+    g.add_argument("--max-chars", type=int, metavar="N",
+                   help=f"use only the first N characters (default corpus: {data.DEFAULT_MAX_CHARS:,})")
+    g.add_argument("--vocab-size", type=int, metavar="N", help="word level: keep the N-1 most frequent words, plus <unk> (default 5000)")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="end of the corpus held out for validation (default 0.1)")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, metavar="H", help=f"LSTM hidden size (default {DEFAULTS['hidden']})")
+    g.add_argument("--layers", type=int, metavar="N", help="LSTM layers (default 1)")
+    g.add_argument("--embed", type=int, metavar="E", help=f"embedding size (default {DEFAULTS['embed']})")
+    g.add_argument("--layer-norm", action="store_true", default=None, help="LayerNorm LSTM cell")
+    g.add_argument("--dropout", type=float, metavar="P", help="recurrent dropout on the candidate g (default 0)")
+    g.add_argument("--zoneout", type=float, metavar="P", help="zoneout probability of h and c (default 0)")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="parameter dtype (default float32)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, metavar="N", help=f"optimiser steps (default {DEFAULT_STEPS})")
+    g.add_argument("--epochs", type=float, metavar="N", help="train for N passes over the corpus instead of --steps")
+    g.add_argument("--seq-len", type=int, metavar="T", help=f"BPTT window in tokens (default {DEFAULTS['seq_len']})")
+    g.add_argument("--batch", type=int, metavar="B", help=f"parallel streams (default {DEFAULTS['batch']})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate of Adam (default {DEFAULTS['lr']})")
+    g.add_argument("--warmup", type=int, metavar="N", help="linear warm-up steps (default 50)")
+    g.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate after warm-up (default cosine)")
+    g.add_argument("--clip", type=float, metavar="NORM", help="global gradient-norm clip (default 1.0)")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay (default 0)")
+    g.add_argument("--seed", type=int, help="seed of initialisation, masks and batching (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--backend", choices=backends.NAMES, help="numpy, cupy or auto (default: $XLSTM_BACKEND, else auto)")
+    g.add_argument("--out", metavar="DIR", help="run folder for checkpoints and metrics (default runs/xlstm-NNN)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or from one ckpt-* folder) exactly")
+    g.add_argument("--eval-every", type=int, metavar="N", help="validate every N steps (default 100)")
+    g.add_argument("--eval-tokens", type=int, metavar="N", help="validate on at most N tokens (default 40000; 0 = all)")
+    g.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default 200)")
+    g.add_argument("--keep", type=int, metavar="N", help="keep the newest N checkpoints (default 3)")
+    g.add_argument("--log-every", type=int, metavar="N", help="append the training loss to metrics.jsonl every N steps (default 10)")
+    g.add_argument("--plot", action="store_true", help="write loss.png (training and validation loss; needs matplotlib)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    # tests: behave as if Ctrl-C came right after step N (save, exit 130)
+    a("--stop-after", type=int, help=argparse.SUPPRESS)
+
+
+# -- configuration ---------------------------------------------------------------------------
+def _given(args) -> dict:
+    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+
+
+def _check_config(c: dict) -> None:
+    """Refuse nonsensical sizes up front, naming the option."""
+    def opt(k):
+        return "--" + k.replace("_", "-")
+    for k in ("hidden", "layers", "embed", "seq_len", "batch", "eval_every", "save_every", "keep", "log_every"):
+        if isinstance(c[k], bool) or not isinstance(c[k], int) or c[k] < 1:
+            raise InputError(f"{opt(k)} must be a positive integer, got {c[k]!r}")
+    for k in ("steps", "max_chars"):
+        if c[k] is not None and c[k] < 1:
+            raise InputError(f"{opt(k)} must be a positive integer, got {c[k]!r}")
+    if c["epochs"] is not None and not (c["epochs"] > 0 and math.isfinite(c["epochs"])):
+        raise InputError(f"--epochs must be a positive number, got {c['epochs']!r}")
+    if c["vocab_size"] < 2:
+        raise InputError(f"--vocab-size must be at least 2, got {c['vocab_size']!r}")
+    if c["eval_tokens"] < 0:
+        raise InputError(f"--eval-tokens must be 0 (all) or positive, got {c['eval_tokens']!r}")
+    if c["warmup"] < 0:
+        raise InputError(f"--warmup must be 0 or positive, got {c['warmup']!r}")
+    for k in ("lr", "clip"):
+        if not (c[k] > 0 and math.isfinite(c[k])):
+            raise InputError(f"{opt(k)} must be a positive number, got {c[k]!r}")
+    if not (c["weight_decay"] >= 0 and math.isfinite(c["weight_decay"])):
+        raise InputError(f"--weight-decay must be 0 or positive, got {c['weight_decay']!r}")
+    for k in ("dropout", "zoneout"):
+        if not 0.0 <= c[k] < 1.0:
+            raise InputError(f"{opt(k)} must be a probability in [0, 1), got {c[k]!r}")
+    if not 0.0 < c["val_fraction"] <= 0.5:
+        raise InputError(f"--val-fraction must lie in (0, 0.5], got {c['val_fraction']!r}")
+    if c["layer_norm"] and importlib.util.find_spec("xlstm.layernorm") is None:
+        raise InputError("--layer-norm needs xlstm/layernorm.py, which this installation lacks; "
+                         "train without --layer-norm or update xlstm")
+
+
+def _merge_resumed(saved: dict, given: dict, where: str) -> dict:
+    """The checkpoint's config, with run-control options overridden; anything else must match."""
+    cfg = dict(DEFAULTS)
+    cfg.update(saved)
+    for k, v in given.items():
+        if k in RUN_CONTROL:
+            cfg[k] = v
+        elif k in saved and saved[k] != v:
+            opt = "--" + k.replace("_", "-")
+            raise InputError(f"the checkpoint {where} was trained with {opt} {saved[k]!r}, but {opt} {v!r} was "
+                             "given; drop the option to continue that run, or start a new run with another --out")
+    if "steps" in given and "epochs" not in given:
+        cfg["epochs"] = None
+    elif "epochs" in given and "steps" not in given:
+        cfg["steps"] = None
+    return cfg
+
+
+def _new_out_dir() -> str:
+    for i in range(1, 10_000):
+        d = os.path.join("runs", f"xlstm-{i:03d}")
+        if not os.path.exists(d):
+            return d
+    raise InputError("runs/ has 9999 runs; pass --out DIR")
+
+
+# -- the model -------------------------------------------------------------------------------
+def build_model(cfg: dict, vocab_size: int, backend):
+    """Embedding -> LSTM -> Dense, seeded from the config's seed."""
+    from .layers import Dense, Embedding, Sequential
+    from .lstm import LSTM
+
+    seed, dt = int(cfg["seed"]), cfg["dtype"]
+    return Sequential(
+        Embedding(vocab_size, cfg["embed"], dtype=dt, seed=[seed, 10], backend=backend),
+        LSTM(cfg["embed"], cfg["hidden"], num_layers=cfg["layers"], layer_norm=cfg["layer_norm"],
+             recurrent_dropout=cfg["dropout"], zoneout=cfg["zoneout"], dtype=dt, seed=seed, backend=backend),
+        Dense(cfg["hidden"], vocab_size, dtype=dt, seed=[seed, 11], backend=backend))
+
+
+def lstm_of(model):
+    return model[1]
+
+
+def load_model(path: str, backend=None, warn=print):
+    """(model in eval mode, vocab, meta, folder) from a checkpoint or run folder, on ``backend``."""
+    folder, arrays, meta = checkpoint.load_latest(path, warn=warn)
+    vocab = data.Vocab.from_json(meta.get("vocab"))
+    cfg = dict(DEFAULTS)
+    cfg.update(meta.get("config") or {})
+    try:
+        model = build_model(cfg, len(vocab), backends.resolve(backend))
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+    except InputError as e:
+        if isinstance(e, checkpoint.CheckpointError):
+            raise
+        raise checkpoint.CheckpointError(f"checkpoint {folder} does not fit its own config "
+                                         f"(incompatible or damaged): {e}") from None
+    return model.eval(), vocab, meta, folder
+
+
+def evaluate(model, streams: np.ndarray, seq_len: int) -> float:
+    """Mean cross-entropy (nats/token) over validation streams [B, L], state carried, from zeros."""
+    from .losses import cross_entropy
+
+    was_training = model.training
+    model.eval()
+    state, total, count = None, 0.0, 0
+    L = streams.shape[1]
+    for p in range(0, L - 1, seq_len):
+        x = np.ascontiguousarray(streams[:, p:min(p + seq_len, L - 1)].T)
+        y = np.ascontiguousarray(streams[:, p + 1:p + 1 + x.shape[0]].T)
+        logits = model.forward(x, state=state)
+        state = model.last_state
+        loss, _ = cross_entropy(logits, y)
+        total += loss * y.size
+        count += y.size
+    model.train(was_training)
+    return total / count
+
+
+# -- progress -----------------------------------------------------------------------------------
+class _PlainBar:
+    """Progress lines every few seconds where tqdm is not installed."""
+
+    def __init__(self, total, initial, disable):
+        self.total, self.n, self.disable = total, initial, disable
+        self.t0, self.n0, self.last, self.postfix = time.time(), initial, 0.0, ""
+
+    def update(self, k=1):
+        self.n += k
+        now = time.time()
+        if not self.disable and (now - self.last > 5 or self.n == self.total):
+            self.last = now
+            rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else math.inf
+            print(f"step {self.n}/{self.total}  {self.postfix}  ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s, refresh=False):
+        self.postfix = s
+
+    @staticmethod
+    def write(s):
+        print(s, flush=True)
+
+    def close(self):
+        pass
+
+
+def _bar(total, initial, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainBar(total, initial, not enabled)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+                smoothing=0.1, file=sys.stderr, mininterval=0.5)
+
+
+class _CtrlC:
+    """First Ctrl-C: finish the current step, save, stop. Second: stop at once (last checkpoint stays)."""
+
+    def __init__(self, say):
+        self.requested, self.say, self._old = False, say, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# -- metrics and plot -------------------------------------------------------------------------
+class Metrics:
+    """metrics.jsonl in the run folder: one JSON object per line (train or val record)."""
+
+    def __init__(self, run_dir: str, resume_step: int | None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            # drop what was logged after the checkpoint: those steps run again now
+            keep = [r for r in self.read(self.path) if r.get("step", 0) <= resume_step]
+            checkpoint.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        elif resume_step is None:
+            open(self.path, "w").close()
+
+    @staticmethod
+    def read(path: str) -> list[dict]:
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass        # a line cut short by a crash
+        return out
+
+    def append(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _require_matplotlib():
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--plot needs matplotlib, which is not installed; "
+                         "pip install matplotlib (or 'xlstm[plot]'), or drop --plot")
+
+
+def write_plot(run_dir: str, unigram: float | None) -> str:
+    """loss.png: training and validation loss against step, with the unigram baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = Metrics.read(os.path.join(run_dir, "metrics.jsonl"))
+    tr = [(r["step"], r["loss"]) for r in recs if r.get("split") == "train"]
+    va = [(r["step"], r["loss"]) for r in recs if r.get("split") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr), label="training loss", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss", lw=1.5, ms=3)
+    if unigram:
+        ax.axhline(unigram, color="gray", ls="--", lw=1, label=f"unigram entropy {unigram:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(run_dir, "loss.png")
+    buf = __import__("io").BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    checkpoint.write_atomic(path, buf.getvalue())
+    return path
+
+
+# -- training ---------------------------------------------------------------------------------
+def _corpus(cfg: dict) -> tuple[str, str]:
+    if cfg["text"] is None:
+        return data.default_corpus(cfg["max_chars"] or data.DEFAULT_MAX_CHARS)
+    text = data.read_text(cfg["text"], cfg["encoding"], cfg["max_chars"])
+    return text, f"{cfg['text']} ({len(text):,} characters)"
+
+
+def _versus(loss: float, unigram: float) -> str:
+    r = 100 * (1 - loss / unigram)
+    return f"{r:.1f}% below it" if r >= 0 else f"{-r:.1f}% above it"
+
+
+def _state_arrays(model, opt, carry) -> dict:
+    arrays = {"param/" + k: v for k, v in model.state_dict().items()}
+    for k, st in opt.state_dict()["state"].items():
+        for b, v in st.items():
+            arrays[f"opt/{k}/{b}"] = v
+    if carry is not None:
+        be = model.backend
+        arrays["carry/h"] = np.array(be.to_numpy(carry[0]))
+        arrays["carry/c"] = np.array(be.to_numpy(carry[1]))
+    return arrays
+
+
+def run(args) -> int:
+    t_start = time.time()
+    given = _given(args)
+    backend = backends.resolve(args.backend)      # an unusable --backend cupy stops here, with the reason
+    if args.plot:
+        _require_matplotlib()
+    resumed = None
+    if args.resume:
+        folder, arrays, meta = checkpoint.load_latest(args.resume, warn=lambda s: print(s, file=sys.stderr))
+        cfg = _merge_resumed(meta.get("config") or {}, given, folder)
+        run_dir = args.out or (os.path.dirname(os.path.abspath(folder)) if checkpoint.checkpoint_step(folder) is not None
+                               else args.resume)
+        resumed = (folder, arrays, meta)
+    else:
+        cfg = dict(DEFAULTS)
+        cfg.update(given)
+        run_dir = args.out or _new_out_dir()
+        if checkpoint.list_checkpoints(run_dir):
+            raise InputError(f"{run_dir} already holds checkpoints of a run; continue it with --resume {run_dir}, "
+                             "or choose another --out")
+    _check_config(cfg)
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        cfg["steps"] = DEFAULT_STEPS
+
+    text, desc = _corpus(cfg)
+    corpus_sha = data.fingerprint(text)
+    if resumed:
+        if resumed[2].get("corpus", {}).get("sha256") != corpus_sha:
+            raise InputError(f"the training text differs from the one the checkpoint {resumed[0]} was trained on "
+                             f"({desc}); resume with the same --text, or start a new run")
+        vocab = data.Vocab.from_json(resumed[2].get("vocab"))
+    else:
+        vocab = None
+    toks = data.tokenize(text, cfg["level"])
+    if vocab is None:
+        vocab = data.Vocab.build(toks, cfg["level"], cfg["vocab_size"])
+    ids = vocab.encode(toks)
+    del toks
+    unigram = data.unigram_entropy(ids, len(vocab))
+    train_ids, val_ids = data.split(ids, cfg["val_fraction"], cfg["seq_len"], cfg["batch"])
+    stream = data.BatchStream(train_ids, cfg["seq_len"], cfg["batch"], seed=cfg["seed"])
+    val = data.eval_streams(val_ids, max(cfg["batch"], 64), cfg["eval_tokens"] or None)
+    total = cfg["steps"] if cfg["steps"] is not None else max(1, math.ceil(cfg["epochs"] * stream.windows_per_epoch))
+    warmup = min(cfg["warmup"], total // 10)     # a short run must not spend itself warming up
+
+    from .losses import cross_entropy
+    from .optim import Adam, clip_grad_norm, lr_schedule
+
+    model = build_model(cfg, len(vocab), backend)
+    lstm = lstm_of(model)
+    opt = Adam(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    step, carry, elapsed0, last_val = 0, None, 0.0, None
+    if resumed:
+        folder, arrays, meta = resumed
+        try:
+            model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
+            ost = {}
+            for k, v in arrays.items():
+                if k.startswith("opt/"):
+                    name, buf = k[4:].rsplit("/", 1)
+                    ost.setdefault(name, {})[buf] = v
+            opt.load_state_dict({"step": meta["optimizer"]["step"], "hyper": meta["optimizer"]["hyper"], "state": ost})
+            lstm._mask_rng.bit_generator.state = meta["rng"]["mask"]
+            stream.load_state_dict(meta["rng"]["stream"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, XlstmError):
+                raise checkpoint.CheckpointError(f"checkpoint {folder} is incompatible with this run: {e}") from None
+            raise checkpoint.CheckpointError(f"checkpoint {folder} is incomplete or damaged (missing {e}); "
+                                             "use an earlier checkpoint") from None
+        if "carry/h" in arrays:
+            carry = (backend.asarray(arrays["carry/h"]), backend.asarray(arrays["carry/c"]))
+        step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        last_val = meta.get("val_loss")
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = Metrics(run_dir, step if resumed else None)
+
+    say = print
+    say(f"xlstm train: {desc}; {cfg['level']} level, {len(ids):,} tokens, vocabulary {len(vocab)}")
+    say(f"  model: Embedding({len(vocab)}, {cfg['embed']}) -> {lstm} -> Dense({cfg['hidden']}, {len(vocab)}); "
+        f"{model.num_parameters() if hasattr(model, 'num_parameters') else sum(int(p.size) for p in model.params.values()):,} parameters")
+    say(f"  unigram entropy of the corpus: {unigram:.4f} nats/token (the loss to beat); "
+        f"{total} steps of {cfg['batch']}x{cfg['seq_len']} tokens "
+        f"({total / stream.windows_per_epoch:.2f} epochs); run folder {run_dir}")
+    if resumed:
+        say(f"  resuming from {resumed[0]} at step {step}")
+        if step >= total:
+            say(f"  the run already has {step} of {total} steps; give a larger --steps to train longer")
+            return 0
+
+    def meta_now():
+        return {"config": cfg, "vocab": vocab.to_json(),
+                "corpus": {"description": desc, "sha256": corpus_sha, "tokens": int(len(ids))},
+                "optimizer": {k: v for k, v in opt.state_dict().items() if k != "state"} | {"type": "Adam"},
+                "rng": {"mask": lstm._mask_rng.bit_generator.state, "stream": stream.state_dict()},
+                "elapsed_s": elapsed0 + time.time() - t_loop, "val_loss": last_val,
+                "unigram_entropy": unigram, "total_steps": total, "backend": backend.name,
+                "xlstm_version": __import__("xlstm").__version__}
+
+    def save():
+        return checkpoint.save(run_dir, step, _state_arrays(model, opt, carry), meta_now(), keep=cfg["keep"])
+
+    def validate():
+        nonlocal last_val
+        last_val = evaluate(model, val, cfg["seq_len"])
+        metrics.append({"split": "val", "step": step, "loss": last_val, "ppl": data.perplexity(last_val),
+                        "elapsed_s": round(elapsed0 + time.time() - t_loop, 3)})
+        bar.write(f"step {step:>6}: val loss {last_val:.4f} nats (ppl {data.perplexity(last_val):.2f}); "
+                  f"unigram entropy {unigram:.4f}; {_versus(last_val, unigram)}")
+
+    tokens_per_step = cfg["batch"] * cfg["seq_len"]
+    bar = _bar(total, step, args.progress)
+    t_loop = time.time()
+    ema, rate, interrupted = None, None, False
+    with _CtrlC(lambda s: bar.write(s)) as ctrl_c:
+        while step < total:
+            t0 = time.perf_counter()
+            x, y, reset = stream.next()
+            if reset:
+                carry = None        # a new epoch starts from zeros, deterministically
+            model.zero_grad()
+            logits = model.forward(x, state=carry)
+            carry = model.last_state
+            loss, dlogits = cross_entropy(logits, y)
+            if not math.isfinite(loss):
+                bar.close()
+                raise XlstmError(f"the training loss became {loss} at step {step + 1}; lower --lr "
+                                 f"(now {cfg['lr']}) or --clip; the checkpoints in {run_dir} are from before")
+            model.backward(dlogits)
+            norm = clip_grad_norm(model, cfg["clip"])
+            opt.lr = lr_schedule(step, cfg["lr"], warmup, total, cfg["schedule"])
+            opt.step()
+            step += 1
+            backend.synchronize()
+            dt = time.perf_counter() - t0
+            rate = tokens_per_step / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_step / dt
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            bar.set_postfix_str(f"loss {ema:.3f}, {rate:,.0f} tok/s", refresh=False)
+            bar.update(1)
+            if step % cfg["log_every"] == 0 or step == total:
+                metrics.append({"split": "train", "step": step, "loss": loss, "lr": opt.lr, "grad_norm": norm,
+                                "tokens_per_s": round(rate, 1), "elapsed_s": round(elapsed0 + time.time() - t_loop, 3)})
+            if step % cfg["eval_every"] == 0 or step == total:
+                validate()
+            if args.stop_after is not None and step >= args.stop_after and step < total:
+                ctrl_c.requested = True
+            if ctrl_c.requested:
+                interrupted = True
+                break
+            if step % cfg["save_every"] == 0 and step < total:
+                save()
+        path = save()
+    bar.close()
+    secs = time.time() - t_start
+    if args.plot:
+        say(f"  plot: {write_plot(run_dir, unigram)}")
+    if interrupted:
+        say(f"interrupted at step {step} of {total}; checkpoint saved to {path}\n"
+            f"  continue with: xlstm train --resume {run_dir}")
+        return 130
+    say(f"done: {total} steps in {secs:.1f} s (backend {backend.name}); final val loss {last_val:.4f} nats "
+        f"(ppl {data.perplexity(last_val):.2f}) vs unigram entropy {unigram:.4f} nats: {_versus(last_val, unigram)}")
+    say(f"  checkpoint {path}; metrics {metrics.path}\n  sample with: xlstm sample {run_dir} --prime 'def ' --length 300")
+    return 0
