@@ -14,6 +14,9 @@ import sys
 SUBCOMMANDS = {
     "info": ("xlstm.cli", "show the version, the backends usable here and why any is not"),
     "gradcheck": ("xlstm.cli", "finite-difference check of every gradient of a small float64 LSTM"),
+    "train": ("xlstm.train", "train a character/word language model (default corpus: Python's own source)"),
+    "sample": ("xlstm.sample", "generate text from a checkpoint of `xlstm train`"),
+    "export": ("xlstm.sample", "write a checkpoint's LSTM weights for another framework (--to torch)"),
     "trace": ("xlstm.trace", "print every named forward value and BPTT gradient of a tiny example, per step"),
 }
 
