@@ -1,9 +1,11 @@
 // Host build of xlstm/kernels/lstm_pointwise.cuh for tests/test_kernels_host.py.
 //
-// Compiled by g++ (-O2 -shared -fPIC, no fast-math) and loaded with ctypes. Each function runs
-// the kernels' per-element code (forward_at / backward_at) over all n = b*H + j, i.e. exactly
-// what one launch of lstm_{forward,backward}_step_{f32,f64} computes, so CI checks the CUDA
-// math, indexing and nullptr handling against the NumPy backend without a GPU.
+// Compiled by g++ (-O2 -shared -fPIC, no fast-math) and loaded with ctypes. For every kernel K
+// of lstm_kernels.cu, host_K has K's exact parameter list and computes what one launch of K
+// computes: the kernels' per-element code (forward_at / backward_at) over all n = b*H + j, the
+// LayerNorm row code over all rows with one serial worker per row, the column sums over all
+// columns. So CI checks the CUDA math, indexing and nullptr handling against the NumPy backend
+// without a GPU, and tests/test_cupy_backend.py can run CupyBackend's launches on the host.
 // Arguments and shapes: as the kernels in lstm_kernels.cu (null pointers for unused masks).
 #include "lstm_pointwise.cuh"
 
@@ -38,19 +40,22 @@ void ln_forward_loop(T* z, T* zhat, T* rstd, T* chat, T* rstd_c, const T* c_prev
                              shift, c_gain, c_shift, forget_bias, eps, mask, zc, zh, gmask);
 }
 
-// The backward row loop followed by the column sums, as the backend launches the two kernels.
 template <typename T>
 void ln_backward_loop(const T* gates, const T* zhat, const T* rstd, const T* chat,
                       const T* rstd_c, const T* c_prev, const T* gain, const T* c_gain,
                       const T* c_shift, const T* dy, const T* dh_next, const T* dc_next, T* dz,
-                      T* dc_prev, T* dh_skip, T* part, T* dgain, T* dshift, T* dc_gain,
-                      T* dc_shift, const T* mask, const T* zc, const T* zh, const T* gmask,
-                      long long B, long long H) {
+                      T* dc_prev, T* dh_skip, T* part, const T* mask, const T* zc, const T* zh,
+                      const T* gmask, long long B, long long H) {
   xlstm::SerialRows r;
   for (long long b = 0; b < B; ++b)
     xlstm::ln_backward_row<T>(r, b, H, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain,
                               c_shift, dy, dh_next, dc_next, dz, dc_prev, dh_skip, part, mask,
                               zc, zh, gmask);
+}
+
+template <typename T>
+void ln_accumulate_loop(const T* part, T* dgain, T* dshift, T* dc_gain, T* dc_shift,
+                        long long B, long long H) {
   for (long long n = 0; n < 10 * H; ++n)
     xlstm::ln_accumulate_column<T>(n, B, H, part, dgain, dshift, dc_gain, dc_shift);
 }
@@ -101,12 +106,15 @@ void host_lstm_backward_step_f64(const double* gates, const double* c_prev, cons
   void host_ln_lstm_backward_step_##SFX(                                                      \
       const T* gates, const T* zhat, const T* rstd, const T* chat, const T* rstd_c,            \
       const T* c_prev, const T* gain, const T* c_gain, const T* c_shift, const T* dy,          \
-      const T* dh_next, const T* dc_next, T* dz, T* dc_prev, T* dh_skip, T* part, T* dgain,    \
-      T* dshift, T* dc_gain, T* dc_shift, const T* mask, const T* zc, const T* zh,             \
-      const T* gmask, long long B, long long H) {                                              \
+      const T* dh_next, const T* dc_next, T* dz, T* dc_prev, T* dh_skip, T* part,              \
+      const T* mask, const T* zc, const T* zh, const T* gmask, long long B, long long H) {     \
     ln_backward_loop<T>(gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy,    \
-                        dh_next, dc_next, dz, dc_prev, dh_skip, part, dgain, dshift, dc_gain,  \
-                        dc_shift, mask, zc, zh, gmask, B, H);                                  \
+                        dh_next, dc_next, dz, dc_prev, dh_skip, part, mask, zc, zh, gmask, B,  \
+                        H);                                                                    \
+  }                                                                                            \
+  void host_ln_accumulate_##SFX(const T* part, T* dgain, T* dshift, T* dc_gain, T* dc_shift,  \
+                                long long B, long long H) {                                    \
+    ln_accumulate_loop<T>(part, dgain, dshift, dc_gain, dc_shift, B, H);                       \
   }
 
 XLSTM_LN_SHIM(float, f32)

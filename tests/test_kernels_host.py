@@ -13,22 +13,15 @@ This is how CI checks the CUDA math without a GPU (see DESIGN.md).
 """
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+import kernels_host_lib
 from xlstm import cell
 from xlstm.backends.numpy_backend import NumpyBackend
-from xlstm.kernels import KERNELS_DIR
 
-SHIM = Path(__file__).resolve().parent / "kernels_host_shim.cpp"
 TOL = {np.float32: 1e-6, np.float64: 1e-12}
 SUFFIX = {np.float32: "f32", np.float64: "f64"}
-CTYPE = {np.float32: ctypes.c_float, np.float64: ctypes.c_double}
 
 # Largest error seen per dtype and comparison, printed by the last test (pytest -s shows it).
 MAX_ERR: dict = {}
@@ -36,33 +29,10 @@ MAX_ERR: dict = {}
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++/c++) on PATH: cannot build the host shim of "
-                    "xlstm/kernels/lstm_pointwise.cuh")
-    out = tmp_path_factory.mktemp("host_kernels") / "libxlstm_host_kernels.so"
-    # -ffp-contract=off: no fused multiply-add on the host, so host results are the plain
-    # IEEE evaluation of the header's expressions (the NumPy reference does no FMA either).
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra",
-           "-Werror", f"-I{KERNELS_DIR}", str(SHIM), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"host build of the kernels failed:\n{' '.join(cmd)}\n{res.stderr}"
-    so = ctypes.CDLL(str(out))
-    P = ctypes.c_void_p
-    for dt, sfx in SUFFIX.items():
-        fwd = getattr(so, f"host_lstm_forward_step_{sfx}")
-        fwd.argtypes = [P] * 5 + [CTYPE[dt]] + [P] * 4 + [ctypes.c_longlong] * 2
-        fwd.restype = None
-        bwd = getattr(so, f"host_lstm_backward_step_{sfx}")
-        bwd.argtypes = [P] * 12 + [ctypes.c_longlong] * 2
-        bwd.restype = None
-        lnf = getattr(so, f"host_ln_lstm_forward_step_{sfx}")
-        lnf.argtypes = [P] * 13 + [CTYPE[dt]] * 2 + [P] * 4 + [ctypes.c_longlong] * 2
-        lnf.restype = None
-        lnb = getattr(so, f"host_ln_lstm_backward_step_{sfx}")
-        lnb.argtypes = [P] * 24 + [ctypes.c_longlong] * 2
-        lnb.restype = None
-    return so
+    why = kernels_host_lib.compiler_missing_reason()
+    if why:
+        pytest.skip(why)
+    return kernels_host_lib.build(tmp_path_factory.mktemp("host_kernels"))
 
 
 def _ptr(a):
@@ -317,6 +287,17 @@ def host_ln_forward(lib, z, c_prev, h_prev, gain, shift, c_gain, c_shift, fb, ep
     return gates, zhat, rstd, chat, rstd_c, c, h
 
 
+def host_ln_backward(lib, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy,
+                     dh_next, dc_next, dz, dc_prev, dh_skip, part, acc, mods):
+    """The two launches of the LN backward: rows (writes dz, dc_prev, dh_skip, part), columns."""
+    B, H = c_prev.shape
+    sfx = SUFFIX[gates.dtype.type]
+    getattr(lib, f"host_ln_lstm_backward_step_{sfx}")(
+        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy, dh_next,
+                    dc_next, dz, dc_prev, dh_skip, part, *mods)), B, H)
+    getattr(lib, f"host_ln_accumulate_{sfx}")(*map(_ptr, (part, *acc)), B, H)
+
+
 @pytest.mark.parametrize("case", LN_CASES, ids=[_ln_id(c) for c in LN_CASES])
 def test_ln_step_matches_numpy(lib, case):
     from xlstm.layernorm import ln_cell_backward, ln_cell_forward
@@ -356,9 +337,8 @@ def test_ln_step_matches_numpy(lib, case):
     dz, dc_prev, dh_skip = (np.full_like(a, np.nan) for a in (z, c_prev, c_prev))
     part = np.full((B, 10 * H), np.nan, dt)
     acc = [a.copy() for a in acc0]
-    getattr(lib, f"host_ln_lstm_backward_step_{SUFFIX[dt]}")(
-        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy, dh_next,
-                    dc_next, dz, dc_prev, dh_skip, part, *acc, *mods)), B, H)
+    host_ln_backward(lib, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy,
+                     dh_next, dc_next, dz, dc_prev, dh_skip, part, acc, mods)
 
     dzn, dcn, dhn = np.empty_like(z), np.empty_like(c_prev), np.empty_like(c_prev)
     accn = [a.copy() for a in acc0]
@@ -376,9 +356,8 @@ def test_ln_step_matches_numpy(lib, case):
     dca, dha = dc_next.copy(), dh_next.copy()
     dza = np.full_like(z, np.nan)
     acca = [a.copy() for a in acc0]
-    getattr(lib, f"host_ln_lstm_backward_step_{SUFFIX[dt]}")(
-        *map(_ptr, (gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy, dha,
-                    dca, dza, dca, dha, part, *acca, *mods)), B, H)
+    host_ln_backward(lib, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_shift, dy,
+                     dha, dca, dza, dca, dha, part, acca, mods)
     assert np.array_equal(dza, dz) and np.array_equal(dca, dc_prev) and np.array_equal(dha, dh_skip)
     assert all(np.array_equal(a, b) for a, b in zip(acca, acc))
 

@@ -1,0 +1,72 @@
+"""Build and bind the host version of the CUDA kernels (``tests/kernels_host_shim.cpp``).
+
+Used by ``test_kernels_host.py`` (the math against NumPy) and ``test_cupy_backend.py`` (the
+CuPy backend's launches run on the host). Every kernel ``K`` of ``xlstm/kernels/lstm_kernels.cu``
+has a host twin ``host_K`` with the same parameter list; ``bind`` reads the parameter lists from
+the .cu source itself, so a kernel signature change shows up here without edits.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from xlstm.kernels import KERNELS_DIR, kernel_source
+
+SHIM = Path(__file__).resolve().parent / "kernels_host_shim.cpp"
+
+_CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong}
+_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64}
+
+
+def compiler_missing_reason() -> str | None:
+    if shutil.which("g++") or shutil.which("c++"):
+        return None
+    return ("no host C++ compiler (g++/c++) on PATH: cannot build the host shim of "
+            "xlstm/kernels/lstm_pointwise.cuh")
+
+
+def build(out_dir: Path) -> ctypes.CDLL:
+    """Compiles the shim with g++ into out_dir and returns it loaded, every host_K bound."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    out = Path(out_dir) / "libxlstm_host_kernels.so"
+    # -ffp-contract=off: no fused multiply-add on the host, so host results are the plain
+    # IEEE evaluation of the header's expressions (the NumPy reference does no FMA either).
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra",
+           "-Werror", f"-I{KERNELS_DIR}", str(SHIM), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise AssertionError(f"host build of the kernels failed:\n{' '.join(cmd)}\n{res.stderr}")
+    lib = ctypes.CDLL(str(out))
+    for name, params in kernel_signatures().items():
+        fn = getattr(lib, "host_" + name)
+        fn.argtypes = [ctypes.c_void_p if ptr else _CTYPES[base] for ptr, base, _ in params]
+        fn.restype = None
+    return lib
+
+
+def kernel_signatures(source: str | None = None) -> dict:
+    """{kernel name: [(is_pointer, base type, parameter name), ...]} of every extern "C" kernel."""
+    src = kernel_source() if source is None else source
+    src = re.sub(r"//[^\n]*", "", src)
+    out = {}
+    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
+        params = []
+        for p in m.group(2).split(","):
+            p = " ".join(p.replace("*", " * ").split())
+            ptr = "*" in p
+            words = [w for w in p.replace("*", " ").split() if w not in ("const", "__restrict__")]
+            base, pname = " ".join(words[:-1]), words[-1]
+            assert base in _CTYPES, f"kernel {m.group(1)}: unsupported parameter type {p!r}"
+            params.append((ptr, base, pname))
+        out[m.group(1)] = params
+    return out
+
+
+def numpy_type(base: str):
+    """The NumPy scalar type a launch must pass for a scalar parameter of C type ``base``."""
+    return _NUMPY[base]
