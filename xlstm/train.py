@@ -166,12 +166,13 @@ def lstm_of(model):
 
 def load_model(path: str, backend=None, warn=print):
     """(model in eval mode, vocab, meta, folder) from a checkpoint or run folder, on ``backend``."""
+    backend = backends.resolve(backend)        # an unusable --backend cupy is reported first
     folder, arrays, meta = checkpoint.load_latest(path, warn=warn)
     vocab = data.Vocab.from_json(meta.get("vocab"))
     cfg = dict(DEFAULTS)
     cfg.update(meta.get("config") or {})
     try:
-        model = build_model(cfg, len(vocab), backends.resolve(backend))
+        model = build_model(cfg, len(vocab), backend)
         model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
     except InputError as e:
         if isinstance(e, checkpoint.CheckpointError):

@@ -1,0 +1,252 @@
+"""`xlstm train | sample | export` end to end, through the command line, on a tiny corpus."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from xlstm import checkpoint
+from xlstm.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--eval-every", "5",
+        "--log-every", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "value", "None", "if", "else", "for", "in", "x", "y"]
+    lines = [" ".join(rng.choice(words, 6)) + ":" for _ in range(120)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def xlstm(*argv, check=None, **kw):
+    env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "xlstm", *map(str, argv)], capture_output=True, text=True,
+                       env=env, timeout=120, **kw)
+    assert "Traceback" not in r.stderr, r.stderr
+    if check is not None:
+        assert r.returncode == check, r.stdout + r.stderr
+    return r
+
+
+def records(run, split="train"):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if json.loads(line)["split"] == split]
+
+
+def test_end_to_end_loss_falls(corpus, tmp_path):
+    run = tmp_path / "run"
+    r = xlstm("train", "--text", corpus, *TINY, "--steps", "60", "--lr", "0.02", "--out", run, check=0)
+    assert "unigram entropy" in r.stdout and "final val loss" in r.stdout
+    train = [x["loss"] for x in records(run)]
+    val = [x["loss"] for x in records(run, "val")]
+    assert len(train) == 60 and len(val) == 12
+    assert np.mean(train[-5:]) < 0.85 * np.mean(train[:3])
+    meta = checkpoint.load(str(run / "ckpt-000060"))[1]
+    assert val[-1] < 0.8 * val[0] and val[-1] < meta["unigram_entropy"]
+    assert checkpoint.list_checkpoints(str(run))[0].endswith("ckpt-000060")
+
+
+def _params(folder):
+    arrays, _ = checkpoint.load(folder)
+    return {k: v for k, v in arrays.items() if not k.startswith("carry/")}
+
+
+def test_interrupt_and_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path):
+    # zoneout and dropout draw masks and 12 steps cross an epoch: every RNG must be restored
+    opts = ["--text", corpus, *TINY, "--steps", "30", "--save-every", "4", "--zoneout", "0.1", "--dropout", "0.1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    xlstm("train", *opts, "--out", a, check=0)
+    r = xlstm("train", *opts, "--out", b, "--stop-after", "7", check=130)
+    assert "interrupted at step 7" in r.stdout and "--resume" in r.stdout
+    assert os.path.isdir(b / "ckpt-000007")
+    xlstm("train", "--resume", b, "--no-progress", check=0)
+    la, lb = records(a), records(b)
+    assert [x["step"] for x in lb] == list(range(1, 31))
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]          # exact float equality
+    assert [x["loss"] for x in records(a, "val")] == [x["loss"] for x in records(b, "val")]
+    pa, pb = _params(a / "ckpt-000030"), _params(b / "ckpt-000030")
+    assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "100000",
+                          "--save-every", "100000", "--out", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if os.path.exists(run / "metrics.jsonl") and len(open(run / "metrics.jsonl").readlines()) >= 3:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, out + err
+    assert "Traceback" not in err and "checkpoint saved" in out
+    step = checkpoint.checkpoint_step(checkpoint.list_checkpoints(str(run))[0])
+    assert step >= 3
+    xlstm("train", "--resume", run, "--steps", step + 2, "--no-progress", check=0)
+    assert records(run)[-1]["step"] == step + 2
+
+
+def test_corrupted_checkpoint_is_refused_and_the_previous_good_one_still_loads(corpus, tmp_path):
+    run = tmp_path / "run"
+    xlstm("train", "--text", corpus, *TINY, "--steps", "10", "--save-every", "5", "--out", run, check=0)
+    bad = run / "ckpt-000010" / "arrays.npz"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    r = xlstm("sample", run / "ckpt-000010", "--length", "5", check=2)
+    assert str(bad) in r.stderr and "corrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = xlstm("sample", run / "ckpt-000005", "--length", "5", "--seed", "0", check=0)
+    r = xlstm("sample", run, "--length", "5", "--seed", "0", check=0)          # a run folder falls back
+    assert "skipping" in r.stderr and "ckpt-000005" in r.stderr
+    r = xlstm("train", "--resume", run, "--no-progress", check=0)             # and so does --resume
+    assert "resuming from" in r.stdout and "ckpt-000005" in r.stdout
+    checkpoint.load(str(run / "ckpt-000010"))                              # rewritten, good again
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    xlstm("train", "--text", corpus, *TINY, "--steps", "30", "--lr", "0.02", "--out", run, check=0)
+    return run
+
+
+def test_sampling_is_reproducible_with_a_seed(trained):
+    args = ["sample", trained, "--prime", "def ", "--length", "60", "--temperature", "0.9", "--top-k", "5"]
+    a = xlstm(*args, "--seed", "1", check=0).stdout
+    b = xlstm(*args, "--seed", "1", check=0).stdout
+    c = xlstm(*args, "--seed", "2", check=0).stdout
+    assert a == b and a.startswith("def ") and len(a) == len("def ") + 60 + 1
+    assert a != c
+    greedy = xlstm("sample", trained, "--prime", "def", "--length", "20", "--temperature", "0", check=0).stdout
+    assert greedy == xlstm("sample", trained, "--prime", "def", "--length", "20", "--temperature", "0").stdout
+
+
+def test_export_to_torch_matches_the_lstm(trained, tmp_path):
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "lstm.pt"
+    xlstm("export", trained, "--to", "torch", "--output", out, check=0)
+    from xlstm.train import load_model
+    model, vocab, meta, _ = load_model(str(trained), backend="numpy")
+    lstm = model[1]
+    t = torch.nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers)
+    t.load_state_dict(torch.load(out))
+    x = np.random.default_rng(0).standard_normal((5, 2, lstm.input_size)).astype(np.float32)
+    y, _ = lstm.forward(x)
+    ty, _ = t(torch.from_numpy(x))
+    np.testing.assert_allclose(ty.detach().numpy(), y, rtol=1e-4, atol=1e-5)
+    full = tmp_path / "full.pt"
+    xlstm("export", trained, "--to", "torch", "--full", "--output", full, check=0)
+    assert {"embedding.weight", "decoder.weight", "decoder.bias"} <= set(torch.load(full))
+
+
+def test_word_level_with_epochs(corpus, tmp_path):
+    run = tmp_path / "run"
+    r = xlstm("train", "--text", corpus, "--level", "word", "--vocab-size", "8", *TINY, "--epochs", "1",
+              "--out", run, check=0)
+    assert "word level" in r.stdout and "vocabulary 8" in r.stdout
+    meta = checkpoint.load(checkpoint.list_checkpoints(str(run))[0])[1]
+    assert meta["vocab"]["tokens"][0] == "<unk>" and meta["step"] >= 1
+    out = xlstm("sample", run, "--prime", "def self", "--length", "10", "--seed", "0", check=0).stdout
+    assert out.startswith("def self")
+
+
+def test_plot_writes_a_png(corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    xlstm("train", "--text", corpus, *TINY, "--steps", "10", "--out", run, "--plot", check=0)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- bad input: a clear one-line message and exit code 2, never a traceback -------------------
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_missing_empty_and_undecodable_text(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "r")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty.txt").write_text("")
+    code, err = run_cli(capsys, "train", "--text", tmp_path / "empty.txt", "--out", tmp_path / "r")
+    assert code == 2 and "is empty" in err
+    (tmp_path / "bin.txt").write_bytes(b"abc \xff\xfe def")
+    code, err = run_cli(capsys, "train", "--text", tmp_path / "bin.txt", "--out", tmp_path / "r")
+    assert code == 2 and "not valid utf-8" in err and "--encoding" in err
+
+
+def test_corpus_shorter_than_one_window(capsys, tmp_path):
+    (tmp_path / "short.txt").write_text("hello world\n")
+    code, err = run_cli(capsys, "train", "--text", tmp_path / "short.txt", "--out", tmp_path / "r")
+    assert code == 2 and "too short" in err and "--seq-len" in err
+
+
+@pytest.mark.parametrize("opt,value", [("--hidden", 0), ("--layers", -1), ("--seq-len", 0), ("--batch", -4),
+                                       ("--steps", 0), ("--lr", -0.1), ("--lr", 0), ("--embed", 0),
+                                       ("--epochs", -1), ("--val-fraction", 0), ("--dropout", 1.5),
+                                       ("--save-every", 0), ("--clip", 0)])
+def test_nonsensical_sizes(capsys, corpus, tmp_path, opt, value):
+    code, err = run_cli(capsys, "train", "--text", corpus, opt, value, "--out", tmp_path / "r")
+    assert code == 2 and opt in err
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_sample_bad_arguments(capsys, trained):
+    for argv, what in ((["--length", "-1"], "--length"), (["--temperature", "-1"], "--temperature"),
+                       (["--top-k", "0"], "--top-k"), (["--prime", "\u2603"], "vocabulary")):
+        code, err = run_cli(capsys, "sample", trained, *argv)
+        assert code == 2 and what in err, err
+
+
+def test_resume_with_an_incompatible_config(capsys, corpus, trained, tmp_path):
+    code, err = run_cli(capsys, "train", "--resume", trained, "--hidden", "64", "--out", tmp_path / "r")
+    assert code == 2 and "--hidden 24" in err and "--hidden 64" in err
+    code, err = run_cli(capsys, "train", "--text", corpus, *TINY, "--out", trained)
+    assert code == 2 and "already holds checkpoints" in err and "--resume" in err
+
+
+def test_checkpoint_whose_arrays_do_not_fit_its_config(capsys, corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--text", corpus, *TINY, "--steps", "2", "--out", str(run)]) == 0
+    meta_path = run / "ckpt-000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["hidden"] = 16
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    code, err = run_cli(capsys, "sample", run / "ckpt-000002")
+    assert code == 2 and "does not fit its own config" in err
+    code, err = run_cli(capsys, "sample", tmp_path)
+    assert code == 2 and "no checkpoint in" in err
+
+
+def test_resume_with_a_changed_corpus(capsys, trained, tmp_path):
+    meta = json.loads(open(os.path.join(checkpoint.list_checkpoints(str(trained))[0], "meta.json")).read())
+    other = tmp_path / "other.txt"
+    other.write_text(open(meta["config"]["text"]).read() + "more\n")
+    code, err = run_cli(capsys, "train", "--resume", trained, "--text", other, "--out", tmp_path / "r")
+    assert code == 2 and "--text" in err
+
+
+def test_backend_cupy_without_a_gpu(capsys, corpus, tmp_path):
+    from xlstm.backends import cupy_unavailable_reason
+    if cupy_unavailable_reason() is None:
+        pytest.skip("cupy works here")
+    code, err = run_cli(capsys, "train", "--text", corpus, "--backend", "cupy", "--out", tmp_path / "r")
+    assert code == 2 and "cupy" in err and "numpy" in err
+    code, err = run_cli(capsys, "sample", tmp_path, "--backend", "cupy")
+    assert code == 2 and "cupy" in err
