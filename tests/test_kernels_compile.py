@@ -9,6 +9,8 @@ must run in CI; see ``test_at_least_one_compiler``):
 * ``nvcc -ptx`` on the source files as they lie in the package (``-I`` to the kernel folder).
 
 Each PTX must contain a ``.entry`` for every kernel name of ``xlstm.kernels.entry_names()``.
+Where nvcc exists, ptxas also assembles every kernel to a cubin for sm_80 and sm_90 and its
+resource report is checked (no register spills; registers fit the backend's 256-thread blocks).
 """
 from __future__ import annotations
 
@@ -98,6 +100,38 @@ def test_nvcc_ptx(arch, tmp_path):
     if nvcc is None:
         pytest.skip(why)
     check_ptx(compile_nvcc(nvcc, arch, tmp_path), arch, "nvcc")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_cubin_resources(arch, tmp_path):
+    """ptxas assembles every kernel for the real architecture, without spills, and each fits
+    the backend's launches (256 threads a block: at most 255 registers a thread, and 256 x regs
+    within the 64K-register file of an SM)."""
+    nvcc, why = _nvcc()
+    if nvcc is None:
+        pytest.skip(why)
+    out = tmp_path / f"lstm_kernels_sm{arch}.cubin"
+    cmd = [nvcc, "-std=c++17", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", f"-I{KERNELS_DIR}",
+           str(kernel_path()), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc -cubin failed:\n{' '.join(cmd)}\n{res.stderr}"
+    info = {}
+    name = None
+    for line in res.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and name:
+            info.setdefault(name, {})["spill"] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            info.setdefault(name, {})["regs"] = int(m.group(1))
+    assert set(entry_names()) <= set(info), f"ptxas reported {sorted(info)}"
+    for k, v in info.items():
+        assert v.get("spill", 0) == 0, f"{k} sm_{arch}: {v['spill']} bytes of register spills"
+        assert v["regs"] * 256 <= 65536, f"{k} sm_{arch}: {v['regs']} registers do not fit 256 threads"
 
 
 def test_at_least_one_compiler():
