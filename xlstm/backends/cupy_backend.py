@@ -7,8 +7,10 @@ How the CUDA path is built: ``xlstm/kernels/lstm_kernels.cu`` (with its header
 ``lstm_pointwise.cuh`` pasted in by ``xlstm.kernels.kernel_source``) is compiled at run time by
 NVRTC through ``cupy.RawModule``, once per device and process (cupy also caches the binary on
 disk, keyed by the source text). Per time step the layer then issues one cuBLAS GEMM
-(``matmul_add``, beta = 1) and one fused kernel launch; nothing is allocated and nothing waits
-for the device inside the time loop.
+(``matmul_add``, beta = 1) and one fused kernel launch (the LayerNorm step's backward: two, the
+second adding the rows' gain/shift gradients); nothing waits for the device inside the time
+loop, and the only buffer a step needs (the LayerNorm backward's [B,10H] partial sums) is
+allocated once per shape and reused.
 
 CUDA graphs are not used: the layer's time loop is Python that launches a GEMM and a kernel per
 step, and capturing it would need the loop itself to be graph-aware. ``CupyBackend`` has no
@@ -21,7 +23,6 @@ import functools
 import numpy as np
 
 from ..errors import InputError
-
 from .base import Backend
 
 
