@@ -59,9 +59,14 @@ def unavailable_reason() -> str | None:
     if n < 1:
         return "no CUDA device found (cupy sees 0 devices)"
     try:
-        cupy.zeros(1).sum().item()
+        cupy.zeros(1).sum().item()   # compiles a reduction with NVRTC, so this also finds NVRTC
     except Exception as e:
         return f"a CUDA device exists but cannot run work ({type(e).__name__}: {e})"
+    try:
+        import cupy.cublas  # noqa: F401  (matmul_add's GEMMs; cupy loads libcublas lazily)
+    except Exception as e:
+        return (f"cuBLAS cannot be loaded ({type(e).__name__}: {e}); install the CUDA toolkit's "
+                "libraries, e.g. `pip install 'cupy-cuda13x[ctk]'` (or cupy-cuda12x[ctk])")
     return None
 
 
