@@ -206,6 +206,20 @@ def test_nonsensical_sizes(capsys, corpus, tmp_path, opt, value):
     assert not os.path.exists(tmp_path / "r")
 
 
+def test_steps_and_epochs_together(capsys, corpus, tmp_path):
+    code, err = run_cli(capsys, "train", "--text", corpus, "--steps", "3", "--epochs", "1", "--out", tmp_path / "r")
+    assert code == 2 and "--steps or --epochs" in err
+
+
+def test_export_refuses_a_layer_norm_model(capsys, corpus, tmp_path):
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    assert main(["train", "--text", corpus, *TINY, "--steps", "2", "--layer-norm", "--out", str(run)]) == 0
+    capsys.readouterr()
+    code, err = run_cli(capsys, "export", run, "--to", "torch")
+    assert code == 2 and "--layer-norm" in err
+
+
 def test_sample_bad_arguments(capsys, trained):
     for argv, what in ((["--length", "-1"], "--length"), (["--temperature", "-1"], "--temperature"),
                        (["--top-k", "0"], "--top-k"), (["--prime", "\u2603"], "vocabulary")):

@@ -96,6 +96,9 @@ def _export(args) -> int:
 
     model, vocab, meta, folder = load_model(args.checkpoint, backend="numpy", warn=_warn)
     lstm = model[1]
+    if lstm.layer_norm:
+        raise InputError(f"export --to torch: {folder} was trained with --layer-norm, and torch.nn.LSTM has no "
+                         "layer norm; only models trained without --layer-norm can be exported to torch")
     sd = to_torch_state_dict(lstm)
     if args.full:
         emb, dense = model[0], model[2]

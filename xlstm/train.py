@@ -84,7 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- configuration ---------------------------------------------------------------------------
 def _given(args) -> dict:
-    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    if "steps" in given and "epochs" in given:
+        raise InputError("give --steps or --epochs, not both")
+    if "text" in given:
+        given["text"] = os.path.abspath(given["text"])     # a resumed run may start from another folder
+    return given
 
 
 def _check_config(c: dict) -> None:
@@ -378,8 +383,10 @@ def run(args) -> int:
     corpus_sha = data.fingerprint(text)
     if resumed:
         if resumed[2].get("corpus", {}).get("sha256") != corpus_sha:
+            what = ("--text" if cfg["text"] else "default corpus (this Python's standard library source); "
+                    "resume with the same Python installation")
             raise InputError(f"the training text differs from the one the checkpoint {resumed[0]} was trained on "
-                             f"({desc}); resume with the same --text, or start a new run")
+                             f"({desc}); resume with the same {what}, or start a new run")
         vocab = data.Vocab.from_json(resumed[2].get("vocab"))
     else:
         vocab = None
