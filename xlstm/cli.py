@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "sample": ("xlstm.sample", "generate text from a checkpoint of `xlstm train`"),
     "export": ("xlstm.sample", "write a checkpoint's LSTM weights for another framework (--to torch)"),
     "trace": ("xlstm.trace", "print every named forward value and BPTT gradient of a tiny example, per step"),
+    "bench": ("xlstm.bench", "time NumPy/CuPy against the GEMM floor and torch.nn.LSTM (table, JSON, CSV, PNG)"),
 }
 
 
