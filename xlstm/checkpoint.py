@@ -110,6 +110,9 @@ def save(run_dir: str, step: int, arrays: dict, meta: dict, keep: int = 3) -> st
             shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix="ckpt.tmp-", dir=run_dir)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)       # mkdtemp's 0700 would hide the checkpoint from others
         apath = os.path.join(tmp, ARRAYS)
         with open(apath, "wb") as f:
             np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})

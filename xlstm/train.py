@@ -356,6 +356,15 @@ def _state_arrays(model, opt, carry) -> dict:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except OSError as e:        # e.g. a full disk or a read-only --out while writing metrics
+        where = e.filename or args.out or args.resume or "the run folder"
+        raise XlstmError(f"cannot write {where}: {e.strerror or e}; free some disk space or choose another --out "
+                         "(the checkpoints already written are intact)") from None
+
+
+def _run(args) -> int:
     t_start = time.time()
     given = _given(args)
     backend = backends.resolve(args.backend)      # an unusable --backend cupy stops here, with the reason
