@@ -199,7 +199,7 @@ def test_corpus_shorter_than_one_window(capsys, tmp_path):
 @pytest.mark.parametrize("opt,value", [("--hidden", 0), ("--layers", -1), ("--seq-len", 0), ("--batch", -4),
                                        ("--steps", 0), ("--lr", -0.1), ("--lr", 0), ("--embed", 0),
                                        ("--epochs", -1), ("--val-fraction", 0), ("--dropout", 1.5),
-                                       ("--save-every", 0), ("--clip", 0)])
+                                       ("--save-every", 0), ("--clip", 0), ("--threads", -1)])
 def test_nonsensical_sizes(capsys, corpus, tmp_path, opt, value):
     code, err = run_cli(capsys, "train", "--text", corpus, opt, value, "--out", tmp_path / "r")
     assert code == 2 and opt in err

@@ -28,11 +28,11 @@ from .errors import InputError, XlstmError
 # Defaults of the README's main job: measured on a 2-core CPU to finish in under 3 minutes
 # with a validation loss well below the unigram entropy (see the README).
 DEFAULTS = dict(level="char", hidden=256, layers=1, embed=64, layer_norm=False, dropout=0.0,
-                zoneout=0.0, seq_len=64, batch=32, steps=None, epochs=None, lr=3e-3, warmup=50,
+                zoneout=0.0, seq_len=64, batch=32, steps=None, epochs=None, lr=5e-3, warmup=50,
                 schedule="cosine", clip=1.0, weight_decay=0.0, seed=0, dtype="float32",
                 val_fraction=0.1, text=None, encoding="utf-8", max_chars=None, vocab_size=5000,
                 eval_every=100, eval_tokens=40_000, save_every=200, keep=3, log_every=10)
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 800
 # options that only steer the run (may differ on --resume); every other option is part of
 # what a checkpoint continues and must match it
 RUN_CONTROL = {"steps", "epochs", "eval_every", "eval_tokens", "save_every", "keep", "log_every"}
@@ -78,8 +78,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, metavar="N", help="append the training loss to metrics.jsonl every N steps (default 10)")
     g.add_argument("--plot", action="store_true", help="write loss.png (training and validation loss; needs matplotlib)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    g.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="BLAS threads of the numpy backend (default 1: the per-step GEMMs are too small to "
+                        "gain from more, and busy-waiting BLAS threads slow down many-fold on a shared CPU; "
+                        "0 leaves the BLAS default)")
     # tests: behave as if Ctrl-C came right after step N (save, exit 130)
     a("--stop-after", type=int, help=argparse.SUPPRESS)
+
+
+def limit_blas_threads(n: int) -> bool:
+    """Set the process's BLAS thread count; True when it worked.
+
+    threadpoolctl where installed; else the set_num_threads symbol of the OpenBLAS that NumPy's
+    wheels bundle, found among the loaded libraries (Linux).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+        return True
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    import ctypes
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -368,6 +404,10 @@ def _run(args) -> int:
     t_start = time.time()
     given = _given(args)
     backend = backends.resolve(args.backend)      # an unusable --backend cupy stops here, with the reason
+    if args.threads < 0:
+        raise InputError(f"--threads must be 0 (BLAS default) or positive, got {args.threads}")
+    if args.threads and backend.name == "numpy":
+        limit_blas_threads(args.threads)
     if args.plot:
         _require_matplotlib()
     resumed = None
