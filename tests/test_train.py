@@ -61,13 +61,18 @@ def _params(folder):
 
 
 def test_interrupt_and_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path):
-    # zoneout and dropout draw masks and 12 steps cross an epoch: every RNG must be restored
-    opts = ["--text", corpus, *TINY, "--steps", "30", "--save-every", "4", "--zoneout", "0.1", "--dropout", "0.1"]
+    # zoneout and dropout draw masks, and 30 steps of 22 per epoch cross an epoch (state reset,
+    # new random offset): every RNG and the carried state must be restored
+    opts = ["--text", corpus, "--max-chars", "1200", *TINY, "--steps", "30", "--save-every", "4",
+            "--zoneout", "0.1", "--dropout", "0.1"]
     a, b = tmp_path / "a", tmp_path / "b"
-    xlstm("train", *opts, "--out", a, check=0)
+    r = xlstm("train", *opts, "--out", a, check=0)
+    assert "(1.36 epochs)" in r.stdout
     r = xlstm("train", *opts, "--out", b, "--stop-after", "7", check=130)
     assert "interrupted at step 7" in r.stdout and "--resume" in r.stdout
     assert os.path.isdir(b / "ckpt-000007")
+    r = xlstm("train", "--resume", b, "--no-progress", "--stop-after", "25", check=130)  # past the epoch end
+    assert "resuming from" in r.stdout and "interrupted at step 25" in r.stdout
     xlstm("train", "--resume", b, "--no-progress", check=0)
     la, lb = records(a), records(b)
     assert [x["step"] for x in lb] == list(range(1, 31))
