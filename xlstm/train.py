@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -359,7 +360,7 @@ def write_plot(run_dir: str, unigram: float | None) -> str:
     ax.legend()
     fig.tight_layout()
     path = os.path.join(run_dir, "loss.png")
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     checkpoint.write_atomic(path, buf.getvalue())
@@ -485,7 +486,7 @@ def _run(args) -> int:
     say = print
     say(f"xlstm train: {desc}; {cfg['level']} level, {len(ids):,} tokens, vocabulary {len(vocab)}")
     say(f"  model: Embedding({len(vocab)}, {cfg['embed']}) -> {lstm} -> Dense({cfg['hidden']}, {len(vocab)}); "
-        f"{model.num_parameters() if hasattr(model, 'num_parameters') else sum(int(p.size) for p in model.params.values()):,} parameters")
+        f"{sum(int(p.size) for p in model.params.values()):,} parameters")
     say(f"  unigram entropy of the corpus: {unigram:.4f} nats/token (the loss to beat); "
         f"{total} steps of {cfg['batch']}x{cfg['seq_len']} tokens "
         f"({total / stream.windows_per_epoch:.2f} epochs); run folder {run_dir}")
