@@ -80,7 +80,9 @@ def _sample(args) -> int:
     from .train import load_model
 
     model, vocab, meta, folder = load_model(args.checkpoint, backend=args.backend, warn=_warn)
-    _warn(f"xlstm sample: {folder} (step {meta.get('step')}, val loss {meta.get('val_loss')})")
+    val = meta.get("val_loss")
+    _warn(f"xlstm sample: {folder} (step {meta.get('step')}"
+          + (f", val loss {val:.4f} nats)" if isinstance(val, (int, float)) else ")"))
     text = generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed)
     sys.stdout.write(text + "\n")
     return 0
