@@ -80,9 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plot", action="store_true", help="write loss.png (training and validation loss; needs matplotlib)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     g.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="BLAS threads of the numpy backend (default 1: the per-step GEMMs are too small to "
-                        "gain from more, and busy-waiting BLAS threads slow down many-fold on a shared CPU; "
-                        "0 leaves the BLAS default)")
+                   help="BLAS threads of the numpy backend; 0 leaves the BLAS default (default 1: on an idle "
+                        "2-core machine 0 is ~30%% faster, but when another process holds a core the "
+                        "busy-waiting BLAS threads make it 4-7x slower)")
     # tests: behave as if Ctrl-C came right after step N (save, exit 130)
     a("--stop-after", type=int, help=argparse.SUPPRESS)
 
