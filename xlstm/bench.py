@@ -263,7 +263,8 @@ class GemmFloor:
     Per layer: forward ``X2 @ W`` into the gate buffer, then T times ``h[t] @ U`` (into the
     step's gate rows); backward T times ``dz[t] @ U^T`` (U^T made contiguous once per call,
     as the layer does), then ``X2^T @ dZ`` (dW), ``H_prev^T @ dZ`` (dU), ``dZ @ W^T`` (dx).
-    Buffers are allocated once here; the timed calls only multiply.
+    Buffers are allocated once here; the timed calls only multiply. Small per-step GEMMs run
+    on one OpenBLAS thread, as in the NumPy backend (``numpy_backend.SMALL_GEMM_MACS``).
     """
 
     def __init__(self, xp, T, B, D, H, layers, dtype, seed=0):
@@ -283,21 +284,46 @@ class GemmFloor:
                 dW=xp.empty((Dk, 4 * H), dtype), dU=xp.empty((H, 4 * H), dtype),
                 dx=xp.empty((T * B, Dk), dtype)))
 
+        # the NumPy backend runs small per-step GEMMs on one OpenBLAS thread; so does the floor
+        self.one_thread = None
+        if xp is np:
+            from .backends.numpy_backend import SMALL_GEMM_MACS, _openblas_threads
+
+            if B * H * 4 * H <= SMALL_GEMM_MACS:
+                self.one_thread = _openblas_threads()
+
+    def _loop(self, fn):
+        ctl = self.one_thread
+        n = ctl[0]() if ctl is not None else 1
+        if n > 1:
+            ctl[1](1)
+        try:
+            fn()
+        finally:
+            if n > 1:
+                ctl[1](n)
+
     def forward(self):
         xp, T = self.xp, self.T
         for L in self.layers:
             xp.matmul(L["x2"], L["W"], out=L["gates"].reshape(L["x2"].shape[0], -1))
-            hs, tmp = L["hs"], L["tmp"]
-            for t in range(T):
-                xp.matmul(hs[t], L["U"], out=tmp)
+            hs, tmp, U = L["hs"], L["tmp"], L["U"]
+
+            def loop():
+                for t in range(T):
+                    xp.matmul(hs[t], U, out=tmp)
+            self._loop(loop)
 
     def backward(self):
         xp, T = self.xp, self.T
         for L in reversed(self.layers):
             UT = xp.ascontiguousarray(L["U"].T)
             dz, dh = L["dz"], L["dh"]
-            for t in range(T - 1, -1, -1):
-                xp.matmul(dz[t], UT, out=dh)
+
+            def loop():
+                for t in range(T - 1, -1, -1):
+                    xp.matmul(dz[t], UT, out=dh)
+            self._loop(loop)
             dz2 = dz.reshape(-1, dz.shape[2])
             H = L["U"].shape[0]
             xp.matmul(L["x2"].T, dz2, out=L["dW"])
@@ -709,6 +735,30 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows) -> str:
+    """The summary as a Markdown table (for READMEs): one line per cell, the ratios of that run."""
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["backend"], r["B"], r["dtype"]), []).append(r)
+    for (be, B, dtype), rs in groups.items():
+        sp = any(r.get("speedup_vs_numpy") for r in rs)
+        out.append(f"\n**{be}** ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}, times in ms (medians)\n")
+        out.append("| layers | H | T | fwd | step | tokens/s | GEMM floor | step/floor | torch step | step/torch |"
+                   + (" CuPy/NumPy speedup |" if sp else ""))
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sp else ""))
+        for r in sorted(rs, key=lambda r: (r["layers"], r["H"], r["T"])):
+            if r["status"] != "ok":
+                out.append(f"| {r['layers']} | {r['H']} | {r['T']} | skipped: {r['note']} |||||||"
+                           + ("|" if sp else ""))
+                continue
+            out.append(f"| {r['layers']} | {r['H']} | {r['T']} | {_fmt(r['fwd_ms'])} | {_fmt(r['step_ms'])} | "
+                       f"{_fmt(r['step_tokens_per_s'])} | {_fmt(r['floor_step_ms'])} | "
+                       f"{_fmt(r['step_over_floor'])} | {_fmt(r['torch_step_ms'])} | {_fmt(r['step_over_torch'])} |"
+                       + (f" {_fmt(r.get('speedup_vs_numpy'), 1)} |" if sp else ""))
+    return "\n".join(out)
+
+
 def write_outputs(result: dict, out_dir: str, stem: str, plot: bool = True) -> dict:
     """JSON, CSV and (when matplotlib is installed) PNG under ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -834,9 +884,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--markdown", action="store_true",
+                        help="with --load: print the summary as Markdown tables (for a README)")
     parser.add_argument("--load", nargs="+", default=None, metavar="JSON",
-                        help="do not run: print the table and draw the figure from saved JSON results "
-                             "(several files are merged, e.g. a CPU and a GPU run)")
+                        help="do not run: print the table from saved JSON results (several files are "
+                             "merged, e.g. a CPU and a GPU run); with --name also write them (JSON, CSV, PNG)")
 
 
 def _warm_up_process(backends, args, torch):
@@ -895,13 +947,16 @@ def run(args) -> int:
           f"{args.dtype}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
           f"cells over {args.max_cell_seconds:g} s skipped", file=sys.stderr)
     planner = Planner(args)
-    _warm_up_process(backends, args, torch)
     bar = _progress(len(cells) * len(backends), not args.no_progress)
     rows, numpy_host = [], {}
     try:
-        # numpy first: its results are the reference the cupy backend is checked against
-        for be in sorted(backends, key=lambda b: b.name != "numpy"):
-            for i, cell in enumerate(cells):
+        _warm_up_process(backends, args, torch)
+        # cell by cell (cheapest first), so a tight budget cuts every backend at the same size;
+        # numpy first in each cell: its results are what the cupy backend is checked against
+        order = sorted(backends, key=lambda b: b.name != "numpy")
+        for cell in cells:
+            numpy_host.clear()
+            for be in order:
                 label = f"{be.name} L={cell.layers} H={cell.H} T={cell.T} B={cell.B}"
                 if bar is not None:
                     bar.set_postfix_str(label)
@@ -959,14 +1014,13 @@ def _run_load(args) -> int:
             n = by.get(("numpy", r["H"], r["T"], r["B"], r["layers"]))
             if n and n["status"] == "ok":
                 r["speedup_vs_numpy"] = n["step_ms"] / r["step_ms"]
-    print(format_table(rows))
+    print(markdown_table(rows) if args.markdown else format_table(rows))
     machine = {}
     for m in metas:
         machine.update(m.get("machine", {}))
     result = {"meta": {"merged_from": list(args.load), "machine": machine, "runs": metas}, "rows": rows}
-    stem = args.name or "bench-merged"
-    if not args.no_plot or args.name:
-        paths = write_outputs(result, args.out, stem, plot=not args.no_plot)
+    if args.name:                       # --name STEM: write the merged JSON/CSV (and PNG)
+        paths = write_outputs(result, args.out, args.name, plot=not args.no_plot)
         print("\nwrote " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 

@@ -1,0 +1,133 @@
+"""Tests of the benchmark code itself (``xlstm bench``): tiny grids, no timing claims."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import xlstm
+from xlstm import bench
+from xlstm.backends.numpy_backend import NumpyBackend
+
+TINY = ["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1,2", "--repeat", "2",
+        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot"]
+
+
+def _run(tmp_path, *extra, name="tiny"):
+    return bench.main(TINY + ["--out", str(tmp_path), "--name", name, *extra])
+
+
+def test_tiny_run_writes_json_and_csv_with_the_expected_columns(tmp_path, capsys):
+    assert _run(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "numpy backend (CPU)" in out and "step/fl" in out
+    res = json.loads((tmp_path / "tiny.json").read_text())
+    assert res["meta"]["machine"]["numpy"] == np.__version__
+    assert res["meta"]["hidden"] == [8] and res["meta"]["layers"] == [1, 2]
+    rows = res["rows"]
+    assert [(r["backend"], r["layers"]) for r in rows] == [("numpy", 1), ("numpy", 2)]
+    for r in rows:
+        assert set(bench.COLUMNS) <= set(r)
+        assert r["status"] == "ok" and r["H"] == 8 and r["T"] == 3 and r["B"] == 2
+        assert r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["floor_step_ms"] > 0
+        assert r["step_over_floor"] == pytest.approx(r["step_ms"] / r["floor_step_ms"])
+        assert r["step_tokens_per_s"] == pytest.approx(3 * 2 / (r["step_ms"] / 1e3))
+        assert r["check_max_rel_err"] < bench.TOLERANCE["float32"]
+    with open(tmp_path / "tiny.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.COLUMNS
+        assert len(list(reader)) == 2
+
+
+def test_torch_columns_when_torch_is_installed(tmp_path):
+    torch = pytest.importorskip("torch")
+    assert _run(tmp_path) == 0
+    r = json.loads((tmp_path / "tiny.json").read_text())["rows"][0]
+    assert r["torch_step_ms"] > 0 and r["step_over_torch"] == pytest.approx(r["step_ms"] / r["torch_step_ms"])
+    assert json.loads((tmp_path / "tiny.json").read_text())["meta"]["machine"]["torch"] == torch.__version__
+
+
+def test_without_torch_the_reference_cell_checks(tmp_path):
+    assert _run(tmp_path, "--no-torch", "--dtype", "float64") == 0
+    r = json.loads((tmp_path / "tiny.json").read_text())["rows"][0]
+    assert r["torch_step_ms"] is None and r["check_max_rel_err"] < 1e-10
+
+
+@pytest.mark.parametrize("no_torch", [False, True])
+def test_a_wrong_result_is_caught_before_timing(tmp_path, monkeypatch, capsys, no_torch):
+    if not no_torch:
+        pytest.importorskip("torch")
+    real = NumpyBackend.lstm_forward_step
+
+    def wrong(self, z, c_prev, h_prev, c, h, *args, **kw):
+        real(self, z, c_prev, h_prev, c, h, *args, **kw)
+        h *= 1.01                       # a 1% error in every output
+
+    monkeypatch.setattr(NumpyBackend, "lstm_forward_step", wrong)
+    timed = []
+    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timed.append(1))
+    assert _run(tmp_path, *(["--no-torch"] if no_torch else [])) == 1
+    assert "results disagree" in capsys.readouterr().err
+    assert not timed and not (tmp_path / "tiny.json").exists()
+
+
+def test_check_compares_gradients_too(monkeypatch):
+    """A wrong weight gradient (outputs and dx right) is caught as well."""
+    pytest.importorskip("torch")
+    import torch
+
+    real = xlstm.LSTM.backward
+
+    def wrong_grads(self, dy, dstate=None):
+        out = real(self, dy, dstate)
+        self.grads["l0.U"] *= 1.05
+        return out
+
+    monkeypatch.setattr(xlstm.LSTM, "backward", wrong_grads)
+    runner = bench.CellRunner(bench.Cell(8, 3, 2, 1), xlstm.backends.resolve("numpy"), "float32", torch)
+    with pytest.raises(bench.BenchCheckError, match="weight_hh_l0"):
+        runner.check()
+
+
+def test_floor_does_the_layers_gemms():
+    f = bench.GemmFloor(np, 3, 2, 5, 4, 2, np.dtype("float32"))
+    f.step()
+    assert [L["W"].shape for L in f.layers] == [(5, 16), (4, 16)]
+    assert f.layers[0]["dW"].shape == (5, 16) and f.layers[0]["dx"].shape == (6, 5)
+    assert bench.step_flops(3, 2, 5, 4, 1) == 2 * 3 * 2 * 16 * (5 + 4) * 3
+
+
+def test_cells_over_the_cap_are_skipped_and_listed(tmp_path, capsys):
+    # the first cell teaches the planner; bigger ones predicted over 0.001 s are skipped
+    assert bench.main(["--hidden", "8,512", *TINY[2:], "--out", str(tmp_path), "--name", "cap",
+                       "--max-cell-seconds", "0.001"]) == 0
+    res = json.loads((tmp_path / "cap.json").read_text())
+    skipped = [r for r in res["rows"] if r["status"] == "skipped"]
+    assert skipped and all("max-cell-seconds" in r["note"] for r in skipped)
+    assert len(res["meta"]["skipped"]) == len(skipped)
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_load_merges_saved_results(tmp_path, capsys):
+    assert _run(tmp_path) == 0
+    capsys.readouterr()
+    assert bench.main(["--load", str(tmp_path / "tiny.json"), "--out", str(tmp_path), "--name", "merged",
+                       "--no-plot"]) == 0
+    assert "numpy backend (CPU)" in capsys.readouterr().out
+    assert (tmp_path / "merged.csv").exists()
+
+
+def test_plot_is_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = {"meta": {}, "rows": []}
+    assert bench.plot_results(res, str(tmp_path / "x.png")) == "no timed cells"
+    assert bench.main(TINY[:-1] + ["--layers", "1", "--out", str(tmp_path), "--name", "p"]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cli_has_the_bench_subcommand():
+    from xlstm.cli import SUBCOMMANDS, build_parser
+
+    assert SUBCOMMANDS["bench"][0] == "xlstm.bench"
+    args = build_parser().parse_args(["bench", "--quick", "--batch", "32,64"])
+    assert args.quick and args.batch == (32, 64)
