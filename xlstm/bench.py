@@ -551,8 +551,9 @@ class CellRunner:
                 self.torch_step()
                 m["torch_peak_mem_mb"] = (tc.max_memory_allocated() - base) / 2 ** 20
         else:
-            m["peak_mem_mb"] = host_peak_rss_mb(self.xlstm_step)
-            m["alloc_peak_mb"] = numpy_alloc_peak_mb(self.xlstm_step)
+            alloc = []                     # one step for both: RSS peak and NumPy's traced peak
+            m["peak_mem_mb"] = host_peak_rss_mb(lambda: alloc.append(numpy_alloc_peak_mb(self.xlstm_step)))
+            m["alloc_peak_mb"] = alloc[0]
             if self.torch is not None:
                 m["torch_peak_mem_mb"] = host_peak_rss_mb(self.torch_step)
         return m
@@ -624,7 +625,7 @@ class Planner:
         a = self.args
         repeats, warmup = self.plan(est_step)
         per_call = est_step * (4.4 if torch_on else 2.7)   # steps + forwards of all contenders
-        memory = 0.0 if a.no_memory else 3 * est_step
+        memory = 0.0 if a.no_memory else 2 * est_step
         return (2 * est_step + per_call * (repeats + warmup * a.rounds) + memory
                 + a.rounds * 6 * a.settle + 0.5)
 
