@@ -131,3 +131,56 @@ def test_cli_has_the_bench_subcommand():
     assert SUBCOMMANDS["bench"][0] == "xlstm.bench"
     args = build_parser().parse_args(["bench", "--quick", "--batch", "32,64"])
     assert args.quick and args.batch == (32, 64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_plain_pointwise_steps_allocate_nothing_per_step(dtype):
+    """The performance plan: after the first step, the NumPy pointwise steps and the per-step
+    GEMM reuse scratch buffers (tracemalloc sees NumPy's allocations) and keep the dtype.
+
+    (A ufunc that broadcasts a [4H] row over [B,4H] allocates a [B,4H] buffer per call; this
+    test caught that in the first version of the sigmoid-as-tanh constants.)"""
+    import tracemalloc
+
+    be = NumpyBackend()
+    rng = np.random.default_rng(0)
+    B, H = 32, 1024                 # a [B,H] array (128/256 KiB) is larger than NumPy's ufunc buffers
+    z = rng.standard_normal((B, 4 * H)).astype(dtype)
+    c_prev, h_prev = (rng.standard_normal((B, H)).astype(dtype) for _ in range(2))
+    c, h, dc, dh = (np.empty((B, H), dtype) for _ in range(4))
+    dz = np.empty((B, 4 * H), dtype)
+    U = rng.standard_normal((H, 4 * H)).astype(dtype)
+    UT = np.ascontiguousarray(U.T)
+
+    def step():
+        zz = z.copy()
+        be.matmul_add(h_prev, U, zz)
+        be.lstm_forward_step(zz, c_prev, h_prev, c, h, 1.0)
+        dh[...] = 0.1
+        dc[...] = 0.2
+        be.lstm_backward_step(zz, c_prev, h, dh, dc, dz, dc, dh)
+        be.matmul_add(dz, UT, dh)
+        return zz
+
+    step()                                             # first call makes the scratch
+    zz = z.copy()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(3):
+            be.matmul_add(h_prev, U, zz)
+            be.lstm_forward_step(zz, c_prev, h_prev, c, h, 1.0)
+            be.lstm_backward_step(zz, c_prev, h, dh, dc, dz, dc, dh)
+            be.matmul_add(dz, UT, dh)
+        after = tracemalloc.take_snapshot()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0)
+    # nothing kept, and no [B,H] or [B,4H] temporary: the only transient memory is the ufunc
+    # iterator's buffers for the strided gate blocks (np.getbufsize() elements each, any B, H)
+    itemsize = np.dtype(dtype).itemsize
+    assert grown < 1024, grown
+    assert peak <= 3 * np.getbufsize() * itemsize < B * H * itemsize, (peak, B * H * itemsize)
+    for a in (zz, c, h, dz, dc, dh):
+        assert a.dtype == np.dtype(dtype)
