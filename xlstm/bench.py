@@ -790,6 +790,7 @@ def plot_results(result: dict, path: str) -> str | None:
     Returns None when written, or why not (matplotlib missing, nothing to plot)."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -842,6 +843,8 @@ def plot_results(result: dict, path: str) -> str | None:
                                   else " (no CuPy results in this run)"))
         ax2.set_xticks(sorted({r['H'] for r in rows}))
         ax2.set_xticklabels([str(h) for h in sorted({r['H'] for r in rows})])
+        ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax2.grid(True, which="both", alpha=0.3)
         ax2.legend(fontsize=7)
     m = result.get("meta", {})
