@@ -4,24 +4,12 @@ import pytest
 
 from xlstm.backends import available_backends
 from xlstm.errors import InputError, StateError
+from xlstm.gradcheck import numerical_gradient
 from xlstm.layers import Dense, Embedding, Sequential
 from xlstm.module import Module
 
 
-def numgrad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every entry of ``a`` (changed in place, restored)."""
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
+numgrad = numerical_gradient   # central differences, float64
 
 
 def assert_grad(analytic, numeric):

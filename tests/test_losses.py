@@ -6,6 +6,7 @@ import pytest
 
 from xlstm.backends import available_backends, resolve
 from xlstm.errors import InputError, StateError
+from xlstm.gradcheck import numerical_gradient
 from xlstm.losses import SoftmaxCrossEntropy, cross_entropy, log_softmax, softmax
 
 # /work/shared/vectors/tf_reference_values.md, section 3
@@ -16,19 +17,7 @@ REF_SOFTMAX = np.array([[2.14400878e-03, 1.58422012e-02, 1.17058913e-01, 8.64954
 REF_CE = np.array([0.14507794, 17.01904505])
 
 
-def numgrad(f, a, eps=1e-6):
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
+numgrad = numerical_gradient   # central differences, float64
 
 
 def test_reference_softmax_rows():

@@ -74,6 +74,14 @@ def numerical_grad(f, a, eps=1e-6, max_entries=None, rng=None):
     return idx, out
 
 
+def numerical_gradient(f, a, eps=1e-6):
+    """Central differences of scalar f() w.r.t. every entry of ``a``, shaped like ``a``.
+
+    For checking your own modules: perturb a parameter array in place, compare with its grad.
+    """
+    return numerical_grad(f, a, eps)[1].reshape(a.shape)
+
+
 def gradcheck_lstm(lstm, x, state=None, lengths=None, eps=1e-6, tol=1e-6, max_entries=60, seed=0):
     """Check every gradient of ``lstm`` (params, x, h0, c0) against central differences.
 
