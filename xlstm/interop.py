@@ -100,6 +100,49 @@ def _tf_kernel_to_ours(kernel, bias, D, H):
     return W, U, b
 
 
+def _per_layer(name, values, n, who):
+    """``values`` as a list of n per-layer entries (None -> n Nones); else InputError."""
+    if values is None:
+        return [None] * n
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+        raise InputError(f"{who}: {name} must be a list with one entry per layer ({n}), got {got}")
+    return list(values)
+
+
+def _from_tf_cells(cells, forget_bias, layer_norm, dtype, backend, who) -> LSTM:
+    """The LSTM for TensorFlow cells: cells[k][d] = (kernel, bias, layer_norm_dict) per layer k, direction d.
+
+    Layer k > 0 reads the previous layer's output, [dirs*H] wide (TensorFlow's stacked and
+    stack_bidirectional_dynamic_rnn layouts).
+    """
+    k0 = _np(cells[0][0][0])
+    if k0.ndim != 2 or k0.shape[1] % 4:
+        raise InputError(f"{who}: kernel has shape {k0.shape}, expected [D+H, 4H]")
+    H = k0.shape[1] // 4
+    D = k0.shape[0] - H
+    if dtype is None:
+        dtype = k0.dtype.name if k0.dtype.name in ("float32", "float64") else "float32"
+    dirs = len(cells[0])
+    lstm = LSTM(D, H, num_layers=len(cells), bidirectional=dirs == 2, forget_bias=forget_bias,
+                layer_norm=layer_norm, dtype=dtype, backend=backend)
+    state = {}
+    for k, layer in enumerate(cells):
+        for d, (kern, bias, ln) in enumerate(layer):
+            W, U, b = _tf_kernel_to_ours(kern, None if layer_norm else bias, D if k == 0 else dirs * H, H)
+            p = lstm.prefix(k, d)
+            state[p + "W"], state[p + "U"] = W, U
+            if layer_norm:
+                from .layernorm import tf_layer_norm_params
+                state.update(tf_layer_norm_params(ln, H, p))
+            elif b is None:
+                raise InputError(f"{who}: a bias is required for each cell when layer_norm is None")
+            else:
+                state[p + "b"] = b
+    lstm.load_state_dict(state)
+    return lstm
+
+
 def from_tf(kernels, biases, forget_bias: float = 1.0, layer_norm=None, dtype=None, backend=None) -> LSTM:
     """An xlstm.LSTM from TensorFlow cell variables, one (kernel, bias) per stacked layer.
 
@@ -110,37 +153,11 @@ def from_tf(kernels, biases, forget_bias: float = 1.0, layer_norm=None, dtype=No
     """
     if not isinstance(kernels, (list, tuple)):
         kernels, biases = [kernels], [biases]
-    if biases is None:
-        biases = [None] * len(kernels)
-    if len(kernels) != len(biases):
-        raise InputError(f"from_tf: got {len(kernels)} kernels but {len(biases)} biases")
-    k0 = _np(kernels[0])
-    if k0.ndim != 2 or k0.shape[1] % 4:
-        raise InputError(f"from_tf: kernel has shape {k0.shape}, expected [D+H, 4H]")
-    H = k0.shape[1] // 4
-    D = k0.shape[0] - H
-    if dtype is None:
-        dtype = k0.dtype.name if k0.dtype.name in ("float32", "float64") else "float32"
-    ln = layer_norm is not None
-    if ln and (not isinstance(layer_norm, (list, tuple)) or len(layer_norm) != len(kernels)):
-        raise InputError(f"from_tf: layer_norm must be a list with one dict per layer ({len(kernels)}), "
-                         f"got {type(layer_norm).__name__} of length {len(layer_norm) if hasattr(layer_norm, '__len__') else '?'}")
-    lstm = LSTM(D, H, num_layers=len(kernels), forget_bias=forget_bias, layer_norm=ln,
-                dtype=dtype, backend=backend)
-    state = {}
-    for k, (kern, bias) in enumerate(zip(kernels, biases)):
-        W, U, b = _tf_kernel_to_ours(kern, None if ln else bias, D if k == 0 else H, H)
-        p = lstm.prefix(k, 0)
-        state[p + "W"], state[p + "U"] = W, U
-        if ln:
-            from .layernorm import tf_layer_norm_params
-            state.update(tf_layer_norm_params(layer_norm[k], H, p))
-        else:
-            if b is None:
-                raise InputError("from_tf: a bias is required for each layer when layer_norm is None")
-            state[p + "b"] = b
-    lstm.load_state_dict(state)
-    return lstm
+    n = len(kernels)
+    biases = _per_layer("biases", biases, n, "from_tf")
+    lns = _per_layer("layer_norm", layer_norm, n, "from_tf")
+    cells = [[(kernels[k], biases[k], lns[k])] for k in range(n)]
+    return _from_tf_cells(cells, forget_bias, layer_norm is not None, dtype, backend, "from_tf")
 
 
 def from_tf_bidirectional(kernels_fw, kernels_bw, biases_fw=None, biases_bw=None, forget_bias: float = 1.0,
@@ -152,50 +169,20 @@ def from_tf_bidirectional(kernels_fw, kernels_bw, biases_fw=None, biases_bw=None
     of [D_k+H, 4H]; biases_fw / biases_bw: lists of [4H] (None for LayerNorm cells);
     layer_norm / layer_norm_bw: None, or per-layer dicts as in ``from_tf`` (fw and bw cells).
     """
+    who = "from_tf_bidirectional"
     if not isinstance(kernels_fw, (list, tuple)):
         kernels_fw, kernels_bw = [kernels_fw], [kernels_bw]
         biases_fw = None if biases_fw is None else [biases_fw]
         biases_bw = None if biases_bw is None else [biases_bw]
-    n = len(kernels_fw)
     ln = layer_norm is not None
     if ln != (layer_norm_bw is not None):
-        raise InputError("from_tf_bidirectional: give layer_norm and layer_norm_bw together (or neither)")
-    if len(kernels_bw) != n:
-        raise InputError(f"from_tf_bidirectional: got {n} forward kernels but {len(kernels_bw)} backward kernels")
-    biases = []
-    for name, bs in (("biases_fw", biases_fw), ("biases_bw", biases_bw)):
-        if bs is None:
-            if not ln:
-                raise InputError(f"from_tf_bidirectional: {name} is required when layer_norm is None")
-            bs = [None] * n
-        if len(bs) != n:
-            raise InputError(f"from_tf_bidirectional: got {n} kernels but {len(bs)} {name}")
-        biases.append(bs)
-    lns = (layer_norm, layer_norm_bw)
-    for name, l in (("layer_norm", layer_norm), ("layer_norm_bw", layer_norm_bw)):
-        if ln and len(l) != n:
-            raise InputError(f"from_tf_bidirectional: got {n} kernels but {len(l)} {name} entries")
-    k0 = _np(kernels_fw[0])
-    if k0.ndim != 2 or k0.shape[1] % 4:
-        raise InputError(f"from_tf_bidirectional: kernel has shape {k0.shape}, expected [D+H, 4H]")
-    H = k0.shape[1] // 4
-    D = k0.shape[0] - H
-    if dtype is None:
-        dtype = k0.dtype.name if k0.dtype.name in ("float32", "float64") else "float32"
-    lstm = LSTM(D, H, num_layers=n, bidirectional=True, forget_bias=forget_bias, layer_norm=ln,
-                dtype=dtype, backend=backend)
-    state = {}
-    for k in range(n):
-        for d, kernels in enumerate((kernels_fw, kernels_bw)):
-            W, U, b = _tf_kernel_to_ours(kernels[k], None if ln else biases[d][k], D if k == 0 else 2 * H, H)
-            p = lstm.prefix(k, d)
-            state[p + "W"], state[p + "U"] = W, U
-            if ln:
-                from .layernorm import tf_layer_norm_params
-                state.update(tf_layer_norm_params(lns[d][k], H, p))
-            else:
-                if b is None:
-                    raise InputError("from_tf_bidirectional: a bias is required for each cell when layer_norm is None")
-                state[p + "b"] = b
-    lstm.load_state_dict(state)
-    return lstm
+        raise InputError(f"{who}: give layer_norm and layer_norm_bw together (or neither)")
+    n = len(kernels_fw)
+    per_dir = []
+    for sfx, kern, bias, lnd in (("fw", kernels_fw, biases_fw, layer_norm), ("bw", kernels_bw, biases_bw, layer_norm_bw)):
+        if bias is None and not ln:
+            raise InputError(f"{who}: biases_{sfx} is required when layer_norm is None")
+        per_dir.append((_per_layer(f"kernels_{sfx} ({'forward' if sfx == 'fw' else 'backward'} kernels)", kern, n, who), _per_layer(f"biases_{sfx}", bias, n, who),
+                        _per_layer("layer_norm" + ("_bw" if sfx == "bw" else ""), lnd, n, who)))
+    cells = [[(K[k], B[k], L[k]) for K, B, L in per_dir] for k in range(n)]
+    return _from_tf_cells(cells, forget_bias, ln, dtype, backend, who)
