@@ -745,17 +745,19 @@ def markdown_table(rows) -> str:
     for (be, B, dtype), rs in groups.items():
         sp = any(r.get("speedup_vs_numpy") for r in rs)
         out.append(f"\n**{be}** ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}, times in ms (medians)\n")
-        out.append("| layers | H | T | fwd | step | tokens/s | GEMM floor | step/floor | torch step | step/torch |"
-                   + (" CuPy/NumPy speedup |" if sp else ""))
-        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sp else ""))
+        out.append("| layers | H | T | fwd | step | tokens/s | GEMM floor | step/floor | torch step | step/torch "
+                   "| floor/torch | other load |" + (" CuPy/NumPy speedup |" if sp else ""))
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sp else ""))
         for r in sorted(rs, key=lambda r: (r["layers"], r["H"], r["T"])):
             if r["status"] != "ok":
-                out.append(f"| {r['layers']} | {r['H']} | {r['T']} | skipped: {r['note']} |||||||"
+                out.append(f"| {r['layers']} | {r['H']} | {r['T']} | skipped: {r['note']} |||||||||"
                            + ("|" if sp else ""))
                 continue
             out.append(f"| {r['layers']} | {r['H']} | {r['T']} | {_fmt(r['fwd_ms'])} | {_fmt(r['step_ms'])} | "
                        f"{_fmt(r['step_tokens_per_s'])} | {_fmt(r['floor_step_ms'])} | "
-                       f"{_fmt(r['step_over_floor'])} | {_fmt(r['torch_step_ms'])} | {_fmt(r['step_over_torch'])} |"
+                       f"{_fmt(r['step_over_floor'])} | {_fmt(r['torch_step_ms'])} | {_fmt(r['step_over_torch'])} | "
+                       f"{_fmt(_ratio(r['floor_step_ms'], r['torch_step_ms']))} | "
+                       f"{_fmt(r.get('foreign_cpu_load'), 1)} |"
                        + (f" {_fmt(r.get('speedup_vs_numpy'), 1)} |" if sp else ""))
     return "\n".join(out)
 
