@@ -149,6 +149,7 @@ def machine_info(torch=None, backends=()) -> dict:
                 info["gpu"] = f"unknown ({e})"
             if torch is not None and torch.cuda.is_available():
                 info["cudnn"] = torch.backends.cudnn.version()
+                info["torch_tf32"] = "off (cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False)"
     return info
 
 
@@ -435,6 +436,11 @@ class CellRunner:
             self.torch = None
         if self.torch is not None:
             tt = self.torch
+            if self.tdevice == "cuda":
+                # full float32 on both sides: cuDNN/cuBLAS would otherwise use TF32 tensor cores,
+                # which is a different precision (and fails the 2e-3 check at long T)
+                tt.backends.cudnn.allow_tf32 = False
+                tt.backends.cuda.matmul.allow_tf32 = False
             tt.manual_seed(seed)
             tdtype = getattr(tt, dtype)
             self.tlstm = tt.nn.LSTM(D, H, num_layers=L).to(device=self.tdevice, dtype=tdtype)
