@@ -147,3 +147,33 @@ def test_reference_step_matches_layer():
     for a, b_ in [(h, hn[0]), (c, cn[0]), (dx, dx2[0]), (dh0, dh02[0]), (dc0, dc02[0]),
                   (dW, lstm.grads["l0.W"]), (dU, lstm.grads["l0.U"]), (db, lstm.grads["l0.b"])]:
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_backward_sequence_matches_per_step_loop(dtype):
+    """The vectorised plain-cell BPTT (factors for all T steps before the loop) against the
+    base class's per-step loop (lstm_backward_step + matmul_add)."""
+    from xlstm.backends.base import Backend
+
+    rng = np.random.default_rng(3)
+    T, B, H = 7, 3, 8
+    be = NumpyBackend()
+    gates = np.empty((T, B, 4 * H), dtype)
+    cs = np.empty((T + 1, B, H), dtype)
+    hs = np.empty((T + 1, B, H), dtype)
+    cs[0], hs[0] = rng.standard_normal((2, B, H))
+    for t in range(T):
+        gates[t] = rng.standard_normal((B, 4 * H))
+        be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], 1.0)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    UT = (rng.standard_normal((4 * H, H)) / np.sqrt(H)).astype(dtype)
+    dh_n, dc_n = rng.standard_normal((2, B, H)).astype(dtype)
+    results = []
+    for run in (Backend.lstm_backward_sequence, NumpyBackend.lstm_backward_sequence):
+        dz, dh, dc = np.empty((T, B, 4 * H), dtype), dh_n.copy(), dc_n.copy()
+        run(be, gates, cs, dy, dh, dc, dz, UT)
+        results.append((dz, dh, dc))
+    tol = TOL[dtype]
+    for a, b in zip(*results):
+        assert a.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())

@@ -13,7 +13,9 @@ Per layer and direction the work follows the cuDNN/haste plan (DESIGN.md):
     forward:  Z = X @ W + b for all T steps in one GEMM (into the gate buffer [T,B,4H]);
               per step Z[t] += h[t-1] @ U, then one fused pointwise step.
     backward: per step one fused gate-gradient step writing dZ[t] and dc, then
-              dh = dZ[t] @ U^T (+ the part that skips the cell); after the loop
+              dh = dZ[t] @ U^T (+ the part that skips the cell), all in the backend's
+              ``lstm_backward_sequence`` (NumPy computes the factors that do not depend on
+              the recurrence for all T steps before its loop); after the loop
               dW = X^T dZ, dU = H_prev^T dZ, db = sum dZ, dX = dZ W^T, one GEMM each.
 Buffers [T,B,4H] and [T+1,B,H] are allocated once per call, never inside the time loop.
 
@@ -243,18 +245,12 @@ class LSTM(Module):
         else:
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
-            if step_mask is None and zc is None and zh is None and gm is None:
-                fb, matmul_add, step = self.forget_bias, be.matmul_add, be.lstm_forward_step
-                for t in range(T):                              # the plain cell: no per-step lookups
-                    matmul_add(hs[t], U, gates[t])              # recurrent GEMM
-                    step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], fb)
-            else:
-                for t in range(T):
-                    be.matmul_add(hs[t], U, gates[t])           # recurrent GEMM
-                    be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
-                                         None if step_mask is None else step_mask[t],
-                                         None if zc is None else zc[t], None if zh is None else zh[t],
-                                         None if gm is None else gm[t])
+            for t in range(T):
+                be.matmul_add(hs[t], U, gates[t])               # recurrent GEMM
+                be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
+                                     None if step_mask is None else step_mask[t],
+                                     None if zc is None else zc[t], None if zh is None else zh[t],
+                                     None if gm is None else gm[t])
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
         return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra)
@@ -324,12 +320,8 @@ class LSTM(Module):
             # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
             # contiguous right operand than through the transposed view (1.2-1.5x measured here)
             UT = xp.ascontiguousarray(U.T)
-            for t in reversed(range(T)):
-                be.lstm_backward_step(gates[t], cs[t], dy[t], dh, dc, dz[t], dc, dh,
-                                      None if step_mask is None else step_mask[t],
-                                      None if zc is None else zc[t], None if zh is None else zh[t],
-                                      None if gm is None else gm[t])
-                be.matmul_add(dz[t], UT, dh)                    # dh_next for step t-1
+            # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
+            be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm)
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0
             self.tracer.record_backward(self, k, d, cache, dy, dh_n, dc_n, dz, dh, dc)

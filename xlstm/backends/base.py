@@ -87,6 +87,27 @@ class Backend:
         """
         raise NotImplementedError
 
+    def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
+                               mask=None, zc=None, zh=None, gmask=None) -> None:
+        """BPTT of the pointwise steps and the recurrent GEMMs over all T steps, in place.
+
+        gates [T,B,4H]: post-activation i, f, g, o of every step.  cs [T+1,B,H]: cell states
+        (cs[0] the initial one).  dy [T,B,H]: gradient w.r.t. each step's output.
+        dh [B,H]: in, dL/dh_T (dh_n); out, dL/dh_0 (dh0).  dc [B,H]: in, dc_n; out, dc0.
+        dz [T,B,4H]: out, gradient w.r.t. the pre-activations of every step.
+        UT [4H,H]: U^T (contiguous).  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+
+        This default is the per-step loop: one ``lstm_backward_step`` and one ``matmul_add``
+        per step (on the GPU: one fused kernel and one GEMM). A backend may override it to move
+        the work that does not depend on the recurrence out of the loop (NumPy does).
+        """
+        for t in reversed(range(gates.shape[0])):
+            self.lstm_backward_step(gates[t], cs[t], dy[t], dh, dc, dz[t], dc, dh,
+                                    None if mask is None else mask[t],
+                                    None if zc is None else zc[t], None if zh is None else zh[t],
+                                    None if gmask is None else gmask[t])
+            self.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+
     # -- the LayerNorm LSTM step (TensorFlow LayerNormBasicLSTMCell) -------------------------
     # Layer norm of a vector v [N]: vhat = (v - mean(v)) * rstd, rstd = 1/sqrt(var(v) + eps)
     # (biased variance), LN(v) = vhat * gain + shift. Per batch row b, each of the four gate
