@@ -34,8 +34,9 @@ def _cupy_backend() -> Backend:
         if reason is not None:
             raise BackendUnavailableError(
                 f"the 'cupy' backend cannot run here: {reason}. "
-                "Use xlstm.set_backend('numpy') (or XLSTM_BACKEND=numpy) to run on the CPU, "
-                "or 'auto' to pick CuPy only where it works.")
+                "To run on the CPU use the 'numpy' backend (xlstm.set_backend('numpy'), "
+                "XLSTM_BACKEND=numpy, or --backend numpy on the command line), or 'auto' to pick "
+                "CuPy only where it works.")
         _instances["cupy"] = cupy_backend.CupyBackend()
     return _instances["cupy"]
 

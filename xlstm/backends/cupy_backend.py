@@ -51,7 +51,7 @@ def unavailable_reason() -> str | None:
         msg = str(e)
         if not _nvidia_driver_present():
             return (f"no NVIDIA GPU driver on this machine ({type(e).__name__}: {msg}); "
-                    "run on a machine with an NVIDIA GPU and its driver, or use the 'numpy' backend")
+                    "CuPy needs an NVIDIA GPU and its driver")
         if "insufficient" in msg.lower() or "driver" in msg.lower():
             return (f"the NVIDIA driver is too old or missing for this cupy build ({msg}); "
                     "update the driver or install the cupy wheel for your CUDA version")
