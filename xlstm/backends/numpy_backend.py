@@ -239,17 +239,7 @@ class NumpyBackend(Backend):
         tc *= o
         tc *= dh_new
         np.add(dc_in, tc, out=dc)
-        # dIt = dCt * g ;  dCprojt = dCt * i ;  dFt = dCt * c_prev
-        np.multiply(dc, gd, out=dz_i)
-        self._dsigmoid_mul(dz_i, i)
-        np.multiply(dc, i, out=dz_g)
-        if gmask is not None:
-            dz_g *= gmask
-        np.multiply(g, g, out=tc)
-        np.subtract(1.0, tc, out=tc)
-        dz_g *= tc
-        np.multiply(dc, c_prev, out=dz_f)
-        self._dsigmoid_mul(dz_f, f)
+        self._dz_ifg(dc, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tc)
         # dc_next for step t-1 and the part of dh_{t-1} that skips the cell
         if plain:
             np.multiply(dc, f, out=dc_prev)
@@ -347,6 +337,25 @@ class NumpyBackend(Backend):
                 dz_icf[t] *= dc_b
                 dc *= f[t]                                 # dc_next for step t-1
                 np.matmul(dz[t], UT, out=dh)               # dh_next for step t-1
+
+    def _dz_ifg(self, dc, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tmp):
+        """dIt = dCt*g*gmask, dCprojt = dCt*i*gmask, dFt = dCt*c_prev, each through its activation.
+
+        Writes dz_i, dz_f, dz_g [B,H] (views of dz); tmp [B,H] is scratch. Shared by the plain and
+        the LayerNorm cell, whose dCt differ but whose gates take it the same way.
+        """
+        np.multiply(dc, g, out=dz_i)
+        if gmask is not None:
+            dz_i *= gmask
+        self._dsigmoid_mul(dz_i, i)
+        np.multiply(dc, i, out=dz_g)
+        if gmask is not None:
+            dz_g *= gmask
+        np.multiply(g, g, out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        dz_g *= tmp
+        np.multiply(dc, c_prev, out=dz_f)
+        self._dsigmoid_mul(dz_f, f)
 
     def _dsigmoid_mul(self, d, s):
         """d *= s * (1 - s): the sigmoid derivative written through its output s."""
@@ -477,19 +486,7 @@ class NumpyBackend(Backend):
         self._acc_rows(dc_shift, dc)
         dc *= c_gain                               # dchat
         self._ln_rows_backward(dc[:, None, :], chat[:, None, :], rstd_c[:, None])   # dCt
-        # dIt = dCt * g*gmask ; dCprojt = dCt * i*gmask ; dFt = dCt * c_prev; through the activations
-        np.multiply(dc, g, out=dz_i)
-        if gmask is not None:
-            dz_i *= gmask
-        self._dsigmoid_mul(dz_i, i)
-        np.multiply(dc, i, out=dz_g)
-        if gmask is not None:
-            dz_g *= gmask
-        np.multiply(g, g, out=tc)
-        np.subtract(1.0, tc, out=tc)
-        dz_g *= tc
-        np.multiply(dc, c_prev, out=dz_f)
-        self._dsigmoid_mul(dz_f, f)
+        self._dz_ifg(dc, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tc)
         # dz holds the gradient w.r.t. LN(z); gain/shift gradients, then layer norm backward
         self._acc_rows(dgain, dz, zhat)
         self._acc_rows(dshift, dz)
