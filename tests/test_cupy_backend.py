@@ -280,18 +280,8 @@ CONFIGS = [
 CONFIG_IDS = [c[0].replace(" ", "_").replace(",", "") for c in CONFIGS]
 
 
-def _layer_norm_available():
-    try:
-        xlstm.LSTM(2, 3, layer_norm=True, backend="numpy").forward(np.zeros((1, 1, 2), np.float32))
-        return True
-    except Exception:
-        return False
-
-
 def compare_models(backend, dtype, kwargs, use_lengths, T=6, B=3, D=5, H=33, seed=5):
     """A model on NumPy and its copy on ``backend``: every output, state, dx and gradient."""
-    if kwargs.get("layer_norm") and not _layer_norm_available():
-        pytest.skip("LSTM(..., layer_norm=True) does not run on the NumPy backend yet")
     rng = np.random.default_rng(seed)
     ref = xlstm.LSTM(D, H, dtype=dtype, seed=seed, backend="numpy", **kwargs)
     dev = xlstm.LSTM(D, H, dtype=dtype, seed=seed, backend=backend, **kwargs)
