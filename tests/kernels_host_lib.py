@@ -49,6 +49,16 @@ def build(out_dir: Path) -> ctypes.CDLL:
     return lib
 
 
+def build_or_skip(tmp_path_factory, name: str) -> ctypes.CDLL:
+    """The host library built in a fresh temp folder, or a pytest skip naming the missing compiler."""
+    import pytest
+
+    why = compiler_missing_reason()
+    if why:
+        pytest.skip(why)
+    return build(tmp_path_factory.mktemp(name))
+
+
 def kernel_signatures(source: str | None = None) -> dict:
     """{kernel name: [(is_pointer, base type, parameter name), ...]} of every extern "C" kernel."""
     src = kernel_source() if source is None else source

@@ -166,10 +166,7 @@ def make_fake_cupy(lib):
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    why = kernels_host_lib.compiler_missing_reason()
-    if why:
-        pytest.skip(why)
-    return kernels_host_lib.build(tmp_path_factory.mktemp("host_kernels_cupy"))
+    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_cupy")
 
 
 @pytest.fixture

@@ -26,10 +26,7 @@ SUFFIX = {np.float32: "f32", np.float64: "f64"}
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    why = kernels_host_lib.compiler_missing_reason()
-    if why:
-        pytest.skip(why)
-    return kernels_host_lib.build(tmp_path_factory.mktemp("host_kernels"))
+    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels")
 
 
 def _ptr(a):

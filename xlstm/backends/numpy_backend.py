@@ -230,15 +230,7 @@ class NumpyBackend(Backend):
             dc_in = self._tmp("dc_in", shape, dt)
             self._one_minus_carry(w, mask, zc)             # 1 - kc
             np.multiply(dc_next, w, out=dc_in)
-        # dOt, then dz_o = dOt * o * (1 - o)
-        np.multiply(dh_new, tc, out=dz_o)
-        self._dsigmoid_mul(dz_o, o)
-        # dCt = dc_next + dHt * o * (1 - tanh(c)^2)
-        np.multiply(tc, tc, out=tc)
-        np.subtract(1.0, tc, out=tc)
-        tc *= o
-        tc *= dh_new
-        np.add(dc_in, tc, out=dc)
+        self._dz_o_dc(dh_new, tc, o, dc_in, dz_o, dc)
         self._dz_ifg(dc, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tc)
         # dc_next for step t-1 and the part of dh_{t-1} that skips the cell
         if plain:
@@ -337,6 +329,20 @@ class NumpyBackend(Backend):
                 dz_icf[t] *= dc_b
                 dc *= f[t]                                 # dc_next for step t-1
                 np.matmul(dz[t], UT, out=dh)               # dh_next for step t-1
+
+    def _dz_o_dc(self, dh_new, tanh_c, o, dc_in, dz_o, dc):
+        """dOt = dHt*tanh(Ct) through the output sigmoid into dz_o, and dCt = dc_in + dHt*o*(1-tanh(Ct)^2).
+
+        dh_new [B,H]: dHt reaching the cell; tanh_c [B,H]: tanh of the carried cell state (used
+        up as scratch); dc_in [B,H]: the dc_next share reaching the cell. Shared by both cells.
+        """
+        np.multiply(dh_new, tanh_c, out=dz_o)
+        self._dsigmoid_mul(dz_o, o)
+        np.multiply(tanh_c, tanh_c, out=tanh_c)
+        np.subtract(1.0, tanh_c, out=tanh_c)
+        tanh_c *= o
+        tanh_c *= dh_new
+        np.add(dc_in, tanh_c, out=dc)
 
     def _dz_ifg(self, dc, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tmp):
         """dIt = dCt*g*gmask, dCprojt = dCt*i*gmask, dFt = dCt*c_prev, each through its activation.
@@ -473,15 +479,7 @@ class NumpyBackend(Backend):
         np.multiply(chat, c_gain, out=tc)
         tc += c_shift
         np.tanh(tc, out=tc)
-        # dOt = dh_new * tanh(cn) ; dzn_o = dOt * o(1-o)
-        np.multiply(dh_new, tc, out=dz_o)
-        self._dsigmoid_mul(dz_o, o)
-        # dcn = (1-kc) dc_next + dh_new * o * (1 - tanh(cn)^2)
-        np.multiply(tc, tc, out=tc)
-        np.subtract(1.0, tc, out=tc)
-        tc *= o
-        tc *= dh_new
-        np.add(dc_in, tc, out=dc)
+        self._dz_o_dc(dh_new, tc, o, dc_in, dz_o, dc)      # here the carried c is LN(c_new)
         self._acc_rows(dc_gain, dc, chat)
         self._acc_rows(dc_shift, dc)
         dc *= c_gain                               # dchat
