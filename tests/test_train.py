@@ -264,7 +264,7 @@ def test_resume_with_a_changed_corpus(capsys, trained, tmp_path):
 def test_backend_cupy_without_a_gpu(capsys, corpus, tmp_path):
     from xlstm.backends import cupy_unavailable_reason
     if cupy_unavailable_reason() is None:
-        pytest.skip("cupy works here")
+        pytest.skip("a usable GPU is present, so there is no missing-GPU error to check on this machine")
     code, err = run_cli(capsys, "train", "--text", corpus, "--backend", "cupy", "--out", tmp_path / "r")
     assert code == 2 and "cupy" in err and "numpy" in err
     code, err = run_cli(capsys, "sample", tmp_path, "--backend", "cupy")
