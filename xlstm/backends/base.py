@@ -37,6 +37,8 @@ Pointwise step, backward, with the seed article's names (dHt = dh, dCt = dc_new 
 """
 from __future__ import annotations
 
+import contextlib
+
 
 class Backend:
     """Base class; subclasses set ``name`` and ``xp`` and implement the pointwise steps (the
@@ -44,6 +46,17 @@ class Backend:
 
     name: str = "?"
     xp = None
+    _force_eager = False    # True inside ``eager()``
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Inside the block the sequence ops run their plain per-step loop: no captured or
+        replayed CUDA graph, whatever the backend's switches say (traces use this)."""
+        prev, self._force_eager = self._force_eager, True
+        try:
+            yield self
+        finally:
+            self._force_eager = prev
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
