@@ -20,29 +20,17 @@ import numpy as np
 import pytest
 
 import xlstm
-from test_cupy_backend import CONFIG_IDS, CONFIGS, compare_models, make_fake_cupy, make_fake_nvmath
+from test_cupy_backend import (CONFIG_IDS, CONFIGS, compare_models, host_lib,  # noqa: F401 (fixture)
+                               install_fakes)
 from xlstm.backends import cupy_unavailable_reason
-
-import kernels_host_lib
-
-
-@pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_graphs")
 
 
 @pytest.fixture
 def graphed(host_lib, monkeypatch):
     """(a CupyBackend on the stand-in cupy + nvmath, graphs on; the stand-in's records)."""
-    from xlstm.backends import cublas_gemm
     from xlstm.backends.cupy_backend import CupyBackend
 
-    fake = make_fake_cupy(host_lib)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    for name, mod in make_fake_nvmath(fake).items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    # the stand-in's "device" arrays are NumPy's: their address is the host address
-    monkeypatch.setattr(cublas_gemm, "_ptr", lambda a: a.ctypes.data)
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True)
     monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
     be = CupyBackend()
     assert be.cuda_graphs and be.graphs_active()
@@ -195,9 +183,7 @@ def test_traces_run_eagerly(graphed):
 def test_without_nvmath_the_eager_loop_runs_and_says_so_once(host_lib, monkeypatch, capfd):
     from xlstm.backends import cupy_backend
 
-    fake = make_fake_cupy(host_lib)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    monkeypatch.setitem(sys.modules, "nvmath", None)
+    fake = install_fakes(host_lib, monkeypatch, nvmath=False)
     monkeypatch.setattr(cupy_backend, "_graphs_note_shown", False)
     be = cupy_backend.CupyBackend()
     assert be.cuda_graphs and not be.graphs_active()

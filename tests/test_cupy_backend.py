@@ -325,14 +325,30 @@ def host_lib(tmp_path_factory):
     return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_cupy")
 
 
+def install_fakes(host_lib, monkeypatch, nvmath: bool):
+    """Puts the stand-in cupy (and, with ``nvmath``, the stand-in nvmath cuBLAS binding; else
+    none, so the backend uses cupy's cuBLAS and the eager loop) in sys.modules; returns the
+    stand-in's records."""
+    from xlstm.backends import cublas_gemm
+
+    fake = make_fake_cupy(host_lib)
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    if not nvmath:
+        monkeypatch.setitem(sys.modules, "nvmath", None)
+        return fake
+    for name, mod in make_fake_nvmath(fake).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    # the stand-in's "device" arrays are NumPy's: their address is the host address
+    monkeypatch.setattr(cublas_gemm, "_ptr", lambda a: a.ctypes.data)
+    return fake
+
+
 @pytest.fixture
 def emulated(host_lib, monkeypatch):
     """(CupyBackend running on the host, the fake module's records)."""
     from xlstm.backends.cupy_backend import CupyBackend
 
-    fake = make_fake_cupy(host_lib)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    monkeypatch.setitem(sys.modules, "nvmath", None)     # cupy's cuBLAS: the eager loop
+    fake = install_fakes(host_lib, monkeypatch, nvmath=False)
     return CupyBackend(), fake
 
 
