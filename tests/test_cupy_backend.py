@@ -10,6 +10,9 @@ Three groups:
   the backend (argument count, order and C types read from the .cu source, NULL for absent
   masks, dtype-typed scalars, contiguity, block sizes) and runs whole LSTMs through it against
   the NumPy backend. Only the device itself (NVRTC's binary, cuBLAS) is not exercised.
+  The stand-in also has streams whose capture records launches and GEMMs (with the addresses
+  they were given) for ``Graph.launch`` to replay, and a stand-in of nvmath's cuBLAS binding:
+  tests/test_cuda_graphs.py uses them for the CUDA-graph path.
 * ``@pytest.mark.gpu``: the same comparisons on a real GPU (skipped with the reason elsewhere,
   by tests/conftest.py): pointwise steps and full LSTMs (layers {1,2}, bidirectional, lengths,
   zoneout + recurrent dropout with shared masks, layer norm), every output, state, dx and
