@@ -37,10 +37,10 @@ def graphed(host_lib, monkeypatch):
     return be, fake
 
 
-def _run(be, dtype, kwargs, use_lengths, seed, T=5, B=3, D=4, H=6, masks=None, model=None):
+def _run(be, dtype, kwargs, use_lengths, seed, T=5, B=3, D=4, H=6, masks=None, model=None, model_seed=1):
     """forward + backward of a seeded model on ``be``: every output, state, dx and gradient."""
     rng = np.random.default_rng(seed)
-    m = model or xlstm.LSTM(D, H, dtype=dtype, seed=1, backend=be, **kwargs)
+    m = model or xlstm.LSTM(D, H, dtype=dtype, seed=model_seed, backend=be, **kwargs)
     m.zero_grad()
     S = (m.num_layers * m.num_directions, B, H)
     x = rng.standard_normal((T, B, D)).astype(dtype)
@@ -68,11 +68,15 @@ def _assert_bitwise(got, want, what):
 def test_replay_equals_eager_bitwise(graphed, dtype, name, kwargs, use_lengths):
     be, fake = graphed
     graphed_model = None
-    for call, seed in enumerate((11, 12, 13)):     # capture, then two replays with new inputs
-        got, masks, graphed_model = _run(be, dtype, kwargs, use_lengths, seed, model=graphed_model)
+    # capture, replay with new inputs, replay with new inputs and a new model (other weights)
+    for call, (seed, model_seed) in enumerate(((11, 1), (12, 1), (13, 2))):
+        if call == 2:
+            graphed_model = None
+        got, masks, graphed_model = _run(be, dtype, kwargs, use_lengths, seed, model=graphed_model,
+                                         model_seed=model_seed)
         be.cuda_graphs = False
         try:
-            want, _, _ = _run(be, dtype, kwargs, use_lengths, seed, masks=masks)
+            want, _, _ = _run(be, dtype, kwargs, use_lengths, seed, masks=masks, model_seed=model_seed)
         finally:
             be.cuda_graphs = True
         _assert_bitwise(got, want, f"call {call}")
