@@ -10,6 +10,9 @@ Three groups:
   the backend (argument count, order and C types read from the .cu source, NULL for absent
   masks, dtype-typed scalars, contiguity, block sizes) and runs whole LSTMs through it against
   the NumPy backend. Only the device itself (NVRTC's binary, cuBLAS) is not exercised.
+  The stand-in also has streams whose capture records launches and GEMMs (with the addresses
+  they were given) for ``Graph.launch`` to replay, and a stand-in of nvmath's cuBLAS binding:
+  tests/test_cuda_graphs.py uses them for the CUDA-graph path.
 * ``@pytest.mark.gpu``: the same comparisons on a real GPU (skipped with the reason elsewhere,
   by tests/conftest.py): pointwise steps and full LSTMs (layers {1,2}, bidirectional, lengths,
   zoneout + recurrent dropout with shared masks, layer norm), every output, state, dx and
@@ -17,6 +20,7 @@ Three groups:
 """
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import types
@@ -115,7 +119,9 @@ class _HostKernel:
                 assert type(a) is want, f"{self.name}({pname}): {type(a).__name__}, kernel takes {base}"
                 cargs.append(a.item())
         self.fake.launches.append(self.name)
-        getattr(self.fake.lib, "host_" + self.name)(*cargs)
+        fn = getattr(self.fake.lib, "host_" + self.name)
+        # on a capturing stream the launch is recorded with the addresses it got, not run
+        self.fake.submit(lambda: fn(*cargs), self.fake.current, self.name)
 
 
 class _HostModule:
@@ -131,14 +137,89 @@ class _HostModule:
         return _HostKernel(self.fake, name, self.sigs[name])
 
 
+class _FakeStream:
+    """A cupy Stream stand-in: ``with s:`` makes it current; begin/end_capture record the work
+    submitted to it (kernel launches, nvmath GEMMs) into a graph instead of running it."""
+
+    def __init__(self, fake, ptr):
+        self.fake, self.ptr, self.ops = fake, ptr, None
+        fake.streams[ptr] = self
+
+    def __enter__(self):
+        self._prev, self.fake.current = self.fake.current, self
+        return self
+
+    def __exit__(self, *exc):
+        self.fake.current = self._prev
+
+    def begin_capture(self, mode=None):
+        assert self.ptr != 0, "the legacy default stream cannot be captured"
+        assert self.fake.capturing is None and self.ops is None, "nested capture"
+        self.ops, self.fake.capturing = [], self
+
+    def end_capture(self):
+        assert self.fake.capturing is self, "end_capture on a stream that is not capturing"
+        ops, self.ops, self.fake.capturing = self.ops, None, None
+        self.fake.captured.append([name for name, _ in ops])
+        return _FakeGraph(self.fake, ops)
+
+    def is_capturing(self):
+        return self.ops is not None
+
+    def synchronize(self):
+        if self.fake.capturing is not None:
+            raise RuntimeError("stream synchronize during stream capture (the device would be waited on)")
+
+
+class _FakeGraph:
+    """cupy.cuda.graph.Graph stand-in: ``launch`` reruns the recorded work on the same addresses."""
+
+    def __init__(self, fake, ops):
+        self.fake, self.ops = fake, ops
+
+    def launch(self, stream=None):
+        assert self.fake.capturing is None, "graph launch during capture"
+        self.fake.launched.append(len(self.ops))
+        for _, op in self.ops:
+            op()
+
+    def upload(self, stream=None):
+        pass
+
+
+# what allocates device memory in cupy: refused during capture, as a graph must not own it
+_ALLOCATORS = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like",
+               "array", "ascontiguousarray", "copy")
+
+
 def make_fake_cupy(lib):
-    """A stand-in for the ``cupy`` module: NumPy arrays, host kernels, a NumPy gemm."""
+    """A stand-in for the ``cupy`` module: NumPy arrays, host kernels, a NumPy gemm, streams
+    whose capture records the kernel launches and nvmath GEMMs with the addresses they got."""
     fake = types.SimpleNamespace()
     fake.lib, fake.launches, fake.modules, fake.gemms = lib, [], [], []
+    fake.streams, fake.capturing, fake.captured, fake.launched = {}, None, [], []
+
+    def submit(op, stream, name):
+        if fake.capturing is not None and stream is not fake.capturing:
+            raise RuntimeError(f"{name} issued on stream {stream.ptr} while stream "
+                               f"{fake.capturing.ptr} captures: it would not be in the graph")
+        if stream.ops is not None:
+            stream.ops.append((name, op))
+        else:
+            op()
+
+    fake.submit = submit
+    fake.current = _FakeStream(fake, 0)
 
     class FakeCupy(types.ModuleType):
         def __getattr__(self, name):          # everything else is NumPy's
-            return getattr(np, name)
+            f = getattr(np, name)
+            if name in _ALLOCATORS:
+                def alloc(*a, **k):
+                    assert fake.capturing is None, f"cupy.{name} allocates during stream capture"
+                    return f(*a, **k)
+                return alloc
+            return f
 
     mod = FakeCupy("cupy")
     mod.ndarray = np.ndarray
@@ -147,11 +228,14 @@ def make_fake_cupy(lib):
     mod.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0),
         Device=lambda i=0: types.SimpleNamespace(attributes={"MultiProcessorCount": 2}),
-        get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+        get_current_stream=lambda: fake.current,
+        Stream=lambda non_blocking=False: _FakeStream(fake, max(fake.streams) + 1))
 
     def gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
         # cupy.cublas.gemm's contract: out = alpha op(a) @ op(b) + beta out, operands C- or
         # F-contiguous 2-D (transposed views are passed to cuBLAS as flags)
+        if fake.capturing is not None:      # cupy#6290: cupy's cuBLAS wrappers refuse capture
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
         assert (transa, transb) == ("N", "N") and out is not None
         for x in (a, b, out):
             assert x.ndim == 2 and (x.flags.c_contiguous or x.flags.f_contiguous)
@@ -164,9 +248,102 @@ def make_fake_cupy(lib):
     return fake
 
 
+def _colmajor(ptr, rows, cols, ld, dtype):
+    """The column-major matrix [rows, cols] with leading dimension ld at host address ptr."""
+    assert rows >= 1 and cols >= 1 and ld >= rows, (rows, cols, ld)
+    dt = np.dtype(dtype)
+    n = ld * (cols - 1) + rows
+    base = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dt))), (n,))
+    return np.lib.stride_tricks.as_strided(base, (rows, cols), (dt.itemsize, ld * dt.itemsize))
+
+
+def make_fake_nvmath(fake):
+    """A stand-in for ``nvmath.bindings.cublas``: handles with a stream and a workspace, and
+    s/dgemm that compute the column-major BLAS contract on raw host addresses (so a wrong
+    transpose flag, dimension, leading dimension or pointer gives a wrong result), run or
+    recorded on the handle's stream like the kernels."""
+    import enum
+
+    handles = {}
+    cublas = types.ModuleType("nvmath.bindings.cublas")
+    cublas.Operation = enum.IntEnum("Operation", {"N": 0, "T": 1, "C": 2})
+    cublas.PointerMode = enum.IntEnum("PointerMode", {"HOST": 0, "DEVICE": 1})
+
+    def create():
+        h = 1000 + len(handles)
+        handles[h] = dict(stream=0, workspace=None, pointer_mode=0)
+        return h
+
+    def set_stream(h, s):
+        assert s in fake.streams, f"set_stream: {s} is not a stream"
+        handles[h].update(stream=s, workspace=None)     # cublasSetStream resets the workspace
+
+    def set_workspace(h, ptr, nbytes):
+        assert ptr and nbytes > 0
+        handles[h]["workspace"] = (ptr, nbytes)
+
+    def set_pointer_mode(h, mode):
+        handles[h]["pointer_mode"] = int(mode)
+
+    def destroy(h):
+        handles.pop(h)
+
+    def make_gemm(dtype):
+        ctype = np.ctypeslib.as_ctypes_type(np.dtype(dtype))
+
+        def g(h, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            st = handles[h]
+            assert st["pointer_mode"] == 0, "alpha/beta are host pointers"
+            stream = fake.streams[st["stream"]]
+            if fake.capturing is not None:
+                assert st["workspace"] is not None, \
+                    "cuBLAS without a user workspace (reset by set_stream) would allocate during capture"
+            al = ctypes.cast(alpha, ctypes.POINTER(ctype))[0]   # host scalars: read at the call
+            be = ctypes.cast(beta, ctypes.POINTER(ctype))[0]
+            A = _colmajor(a, *((m, k) if transa == 0 else (k, m)), lda, dtype)
+            B = _colmajor(b, *((k, n) if transb == 0 else (n, k)), ldb, dtype)
+            C = _colmajor(c, m, n, ldc, dtype)
+
+            def run():
+                opA = A if transa == 0 else A.T
+                opB = B if transb == 0 else B.T
+                C[...] = al * (opA @ opB) + be * C
+
+            fake.gemms.append(("nvmath", m, n, k))
+            fake.submit(run, stream, "gemm")
+        return g
+
+    cublas.create, cublas.destroy, cublas.set_stream = create, destroy, set_stream
+    cublas.set_workspace, cublas.set_pointer_mode = set_workspace, set_pointer_mode
+    cublas.sgemm, cublas.dgemm = make_gemm(np.float32), make_gemm(np.float64)
+    nvmath = types.ModuleType("nvmath")
+    bindings = types.ModuleType("nvmath.bindings")
+    bindings.cublas, nvmath.bindings = cublas, bindings
+    fake.cublas_handles = handles
+    return {"nvmath": nvmath, "nvmath.bindings": bindings, "nvmath.bindings.cublas": cublas}
+
+
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
     return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_cupy")
+
+
+def install_fakes(host_lib, monkeypatch, nvmath: bool):
+    """Puts the stand-in cupy (and, with ``nvmath``, the stand-in nvmath cuBLAS binding; else
+    none, so the backend uses cupy's cuBLAS and the eager loop) in sys.modules; returns the
+    stand-in's records."""
+    from xlstm.backends import cublas_gemm
+
+    fake = make_fake_cupy(host_lib)
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    if not nvmath:
+        monkeypatch.setitem(sys.modules, "nvmath", None)
+        return fake
+    for name, mod in make_fake_nvmath(fake).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    # the stand-in's "device" arrays are NumPy's: their address is the host address
+    monkeypatch.setattr(cublas_gemm, "_ptr", lambda a: a.ctypes.data)
+    return fake
 
 
 @pytest.fixture
@@ -174,8 +351,7 @@ def emulated(host_lib, monkeypatch):
     """(CupyBackend running on the host, the fake module's records)."""
     from xlstm.backends.cupy_backend import CupyBackend
 
-    fake = make_fake_cupy(host_lib)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    fake = install_fakes(host_lib, monkeypatch, nvmath=False)
     return CupyBackend(), fake
 
 

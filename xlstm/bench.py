@@ -61,7 +61,8 @@ COLUMNS = [
     "floor_fwd_ms", "floor_step_ms", "fwd_over_floor", "step_over_floor",
     "torch_fwd_ms", "torch_step_ms", "fwd_over_torch", "step_over_torch",
     "speedup_vs_numpy", "peak_mem_mb", "alloc_peak_mb", "torch_peak_mem_mb",
-    "check_max_rel_err", "repeats", "cell_seconds", "foreign_cpu_load", "note",
+    "check_max_rel_err", "repeats", "cell_seconds", "foreign_cpu_load",
+    "cuda_graphs", "first_step_ms", "graph_capture_s", "graph_mb", "pool_growth_mb", "note",
 ]
 
 
@@ -255,6 +256,27 @@ def cupy_pool_peak_mb(backend, fn) -> float:
     finally:
         xp.cuda.set_allocator(pool.malloc)
     return (peak[0] - base) / 2 ** 20
+
+
+def cupy_first_call(backend, fn) -> dict:
+    """The first call of a cell on CuPy (where CUDA graphs are captured) against what it left:
+    first_step_ms (host wall time, synchronised), graph_capture_s (host time capturing),
+    graph_mb (buffers the new graphs own), pool_growth_mb (CuPy pool bytes in use after - before)."""
+    pool = backend.xp.get_default_memory_pool()
+    graphs = getattr(backend, "graphs", None)
+    active = bool(getattr(backend, "graphs_active", lambda: False)())
+    before = graphs.stats() if graphs is not None else None
+    backend.synchronize()
+    used = pool.used_bytes()
+    t0 = time.perf_counter()
+    fn()
+    out = dict(cuda_graphs="on" if active else "off", first_step_ms=(time.perf_counter() - t0) * 1e3,
+               pool_growth_mb=(pool.used_bytes() - used) / 2 ** 20)
+    if graphs is not None:
+        after = graphs.stats()
+        out.update(graph_capture_s=after["capture_seconds"] - before["capture_seconds"],
+                   graph_mb=(after["bytes"] - before["bytes"]) / 2 ** 20)
+    return out
 
 
 # -- the GEMM floor ---------------------------------------------------------------------------
@@ -665,6 +687,8 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
+    if backend.name == "cupy":                       # before anything else: the capture, if any
+        row.update(cupy_first_call(backend, runner.xlstm_step))
     row["check_max_rel_err"] = runner.check(other)   # also the first warm-up of both models
     t0 = time.perf_counter()
     runner.xlstm_step()
@@ -736,6 +760,9 @@ def format_table(rows) -> str:
                     f"{_fmt(r.get('alloc_peak_mb'), 1):>8}")
             if (r.get("foreign_cpu_load") or 0) > 0.25:
                 line += f"  (other load {r['foreign_cpu_load']:.1f} cores)"
+            if r.get("first_step_ms") is not None:     # cupy: first call (capture) vs steady state
+                line += (f"  (graphs {r.get('cuda_graphs')}: first step {_fmt(r['first_step_ms'])} ms, "
+                         f"graphs {_fmt(r.get('graph_mb'), 1)} MB, pool +{_fmt(r.get('pool_growth_mb'), 1)} MB)")
             if has_speedup:
                 line += f" | {_fmt(r.get('speedup_vs_numpy'), 1):>8}"
             lines.append(line)
@@ -875,6 +902,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
+                        help="CuPy: replay each layer's time loop as a CUDA graph (on) or run it eagerly "
+                             "(off); default: the backend's setting (XLSTM_CUDA_GRAPHS, on)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for NumPy's BLAS (via threadpoolctl) and torch; default: leave as is")
     parser.add_argument("--repeat", type=int, default=None, help="at most this many timed calls per contender and cell")
@@ -945,6 +975,9 @@ def run(args) -> int:
     args.max_cell_seconds = args.max_cell_seconds or (20.0 if quick else 150.0)
     args.budget = args.budget or (45.0 if quick else 840.0)
     backends = _resolve_backends(args.backends)
+    for be in backends:
+        if args.cuda_graphs is not None and hasattr(be, "cuda_graphs"):
+            be.cuda_graphs = args.cuda_graphs == "on"
     torch = None if args.no_torch else _try_import_torch()
     limiter = _apply_threads(args.threads, torch)
     cells = [Cell(H, T, B, L) for B in args.batch for L in layers for H in hidden for T in seqs]
@@ -953,7 +986,9 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "input_size": "= H", "timing": "medians of interleaved rounds after warm-up, "
+            "dtype": args.dtype, "input_size": "= H",
+            "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
+            "timing": "medians of interleaved rounds after warm-up, "
             "GPU synchronised after every call (perf_counter)"}
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "
           f"{args.dtype}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "

@@ -6,24 +6,45 @@ This is the only module (with its package) that imports cupy, and it does so laz
 How the CUDA path is built: ``xlstm/kernels/lstm_kernels.cu`` (with its header
 ``lstm_pointwise.cuh`` pasted in by ``xlstm.kernels.kernel_source``) is compiled at run time by
 NVRTC through ``cupy.RawModule``, once per device and process (cupy also caches the binary on
-disk, keyed by the source text). Per time step the layer then issues one cuBLAS GEMM
-(``matmul_add``, beta = 1) and one fused kernel launch (the LayerNorm step's backward: two, the
-second adding the rows' gain/shift gradients); nothing waits for the device inside the time
-loop, and the only buffer a step needs (the LayerNorm backward's [B,10H] partial sums) is
-allocated once per shape and reused.
+disk, keyed by the source text). A layer-direction's time loop is one backend op (the
+``*_sequence`` ops of ``Backend``): per time step one cuBLAS GEMM (``matmul_add``, beta = 1)
+and one fused kernel launch (the LayerNorm step's backward: two, the second adding the rows'
+gain/shift gradients); nothing waits for the device inside the loop, and the only buffer a
+step needs (the LayerNorm backward's [B,10H] partial sums) is allocated once per shape.
 
-CUDA graphs are not used: the layer's time loop is Python that launches a GEMM and a kernel per
-step, and capturing it would need the loop itself to be graph-aware. ``CupyBackend`` has no
-graph switch for that reason; the launch overhead per step is two launches.
+CUDA graphs (``xlstm/backends/cuda_graphs.py``): with ``cuda_graphs`` on (the default; off with
+``XLSTM_CUDA_GRAPHS=0`` or ``backend.cuda_graphs = False``), the first call of a sequence op
+for a shape captures that loop into a CUDA graph and every later call replays it, so Python
+issues a few copies and one launch per layer-direction instead of two launches per step.
+The GEMMs then go through ``CublasGemm`` (nvmath-python's cuBLAS binding; CuPy's refuses
+capture) in eager and captured runs alike, so both are the same cuBLAS calls and bitwise
+equal. Without nvmath-python the backend says so once and runs the eager loop (cupy's
+cuBLAS). Traces (``trace=True``) run eagerly (``Backend.eager``). Not yet run on a GPU: the
+capture logic is proven on the CPU against a stand-in cupy (tests/test_cuda_graphs.py).
 """
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import numpy as np
 
 from ..errors import InputError
+from . import cuda_graphs
 from .base import Backend
+
+_graphs_note_shown = False
+
+
+def graphs_env_default() -> bool:
+    """``XLSTM_CUDA_GRAPHS``: unset or 1/on/true/yes -> True; 0/off/false/no -> False."""
+    v = os.environ.get("XLSTM_CUDA_GRAPHS", "1").strip().lower()
+    if v in ("", "1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise InputError(f"XLSTM_CUDA_GRAPHS must be 0 or 1 (or on/off), got {v!r}")
 
 
 def _nvidia_driver_present() -> bool:
@@ -93,6 +114,9 @@ class CupyBackend(Backend):
         self._scratch: dict = {}      # (key, shape, dtype) -> cupy array, reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
         #                               (cupy passes None as 0xffffffff, not NULL: cupy#9046)
+        self.cuda_graphs = graphs_env_default()   # the switch; False runs the eager loop
+        self.graphs = cuda_graphs.GraphCache(maxsize=16)
+        self._gemms: dict = {}        # device id -> CublasGemm, or None where nvmath is missing
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
@@ -239,17 +263,88 @@ class CupyBackend(Backend):
         self._kernel("ln_accumulate", dt)((self._grid(10 * H),), (self.BLOCK,), acc)
 
     # -- GEMM -------------------------------------------------------------------------------
+    def _gemm(self):
+        """This device's ``CublasGemm``, or None where nvmath-python is missing (said once)."""
+        global _graphs_note_shown
+        dev = self.xp.cuda.runtime.getDevice()
+        if dev not in self._gemms:
+            from .cublas_gemm import INSTALL_HINT, CublasGemm
+            try:
+                self._gemms[dev] = CublasGemm(self.xp)
+            except Exception as e:    # not installed, or its cuBLAS cannot be loaded/created
+                self._gemms[dev] = None
+                if not _graphs_note_shown:
+                    _graphs_note_shown = True
+                    print(f"xlstm: CUDA graphs are off: nvmath-python's cuBLAS is not usable "
+                          f"({type(e).__name__}: {e}); the "
+                          f"cupy backend runs its eager loop (two launches per step). To replay the "
+                          f"loop as a CUDA graph, {INSTALL_HINT}.", file=sys.stderr)
+        return self._gemms[dev]
+
     def matmul_add(self, a, b, out) -> None:
         """out += a @ b as one cuBLAS gemm with beta = 1 (no temporary, no host sync).
 
-        Transposed views (``U.T``, ``x2.T``) go to cuBLAS as transpose flags, not copies:
-        ``cupy.cublas.gemm`` accepts any C- or F-contiguous 2-D operand. Other layouts are
-        copied by cupy first; other ranks or mixed dtypes fall back to ``out += a @ b``.
+        Through ``CublasGemm`` (nvmath's binding, capturable) where nvmath-python is installed,
+        else ``cupy.cublas.gemm``. Transposed views (``U.T``, ``x2.T``) go to cuBLAS as
+        transpose flags, not copies. Other layouts are copied by cupy first; other ranks or
+        mixed dtypes fall back to ``out += a @ b``.
         """
         if a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and a.dtype == b.dtype == out.dtype \
                 and a.dtype.char in "fd":
+            g = self._gemm()
+            if g is not None and g.supports(a, b, out):
+                g.matmul_add(a, b, out)
+                return
             from cupy import cublas
 
             cublas.gemm("N", "N", a, b, out=out, alpha=1.0, beta=1.0)
         else:
             out += a @ b
+
+    # -- the time loops: eager, or replayed as CUDA graphs ------------------------------------
+    def graphs_active(self) -> bool:
+        """True when the sequence ops replay CUDA graphs now (switch on, not inside ``eager()``,
+        nvmath-python present)."""
+        return bool(self.cuda_graphs) and not self._force_eager and self._gemm() is not None
+
+    def _sequence(self, op, args, kwargs):
+        fn = getattr(Backend, op)
+        if not self.graphs_active():
+            return fn(self, *args, **kwargs)
+        self.graphs.run(self, op, fn, cuda_graphs.bind(fn, self, args, kwargs))
+
+    def prepare_capture(self, op, args) -> list:
+        """Everything a capture of ``op`` would otherwise allocate or load, done now (capture
+        must not allocate): the op's kernels, the SM count, the GEMM handle and the scratch.
+        Returns the scratch buffers the graph has to keep alive (``_tmp`` may drop its own
+        reference later; the graph has their addresses baked in)."""
+        dt = args["gates"].dtype
+        B, H4 = args["gates"].shape[1:]
+        names = {"lstm_forward_sequence": ("lstm_forward_step",),
+                 "lstm_backward_sequence": ("lstm_backward_step",),
+                 "ln_lstm_forward_sequence": ("ln_lstm_forward_step",),
+                 "ln_lstm_backward_sequence": ("ln_lstm_backward_step", "ln_accumulate")}[op]
+        for n in names:
+            self._kernel(n, dt)
+        self._grid(1)
+        self._gemm()
+        keep = []
+        if op == "ln_lstm_backward_sequence":
+            keep.append(self._tmp("ln_part", (B, 10 * (H4 // 4)), dt))
+        return keep
+
+    def lstm_forward_sequence(self, *args, **kwargs) -> None:
+        """``Backend.lstm_forward_sequence`` (same arguments), eager or replayed as a graph."""
+        self._sequence("lstm_forward_sequence", args, kwargs)
+
+    def lstm_backward_sequence(self, *args, **kwargs) -> None:
+        """``Backend.lstm_backward_sequence`` (same arguments), eager or replayed as a graph."""
+        self._sequence("lstm_backward_sequence", args, kwargs)
+
+    def ln_lstm_forward_sequence(self, *args, **kwargs) -> None:
+        """``Backend.ln_lstm_forward_sequence`` (same arguments), eager or replayed as a graph."""
+        self._sequence("ln_lstm_forward_sequence", args, kwargs)
+
+    def ln_lstm_backward_sequence(self, *args, **kwargs) -> None:
+        """``Backend.ln_lstm_backward_sequence`` (same arguments), eager or replayed as a graph."""
+        self._sequence("ln_lstm_backward_sequence", args, kwargs)
