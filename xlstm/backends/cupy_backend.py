@@ -15,6 +15,14 @@ allocated once per shape and reused.
 CUDA graphs are not used: the layer's time loop is Python that launches a GEMM and a kernel per
 step, and capturing it would need the loop itself to be graph-aware. ``CupyBackend`` has no
 graph switch for that reason; the launch overhead per step is two launches.
+
+Persistent kernels (``xlstm/kernels/lstm_persistent.cu``, their own RawModule compiled with
+``enable_cooperative_groups=True``): the plain cell's ``lstm_forward_sequence`` and
+``lstm_backward_sequence`` may instead run all T steps in one cooperative launch that keeps
+U's slice of each block in shared memory. ``persistent`` ("auto" | "on" | "off", default the
+environment variable XLSTM_PERSISTENT, else "auto") picks; "auto" follows the crossover table
+of ``xlstm.backends.persistent`` (UNMEASURED: written without a GPU) and falls back to the
+per-step loop where the grid does not fit; "on" raises instead of falling back.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import functools
 import numpy as np
 
 from ..errors import InputError
+from . import persistent as _persistent
 from .base import Backend
 
 
@@ -93,6 +102,10 @@ class CupyBackend(Backend):
         self._scratch: dict = {}      # (key, shape, dtype) -> cupy array, reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
         #                               (cupy passes None as 0xffffffff, not NULL: cupy#9046)
+        self._pmodules: dict = {}     # device id -> the persistent kernels' cooperative RawModule
+        self._devinfo: dict = {}      # device id -> (name, SMs, smem per block opt-in, smem per SM)
+        self.persistent: str | None = None   # "auto" | "on" | "off"; None: XLSTM_PERSISTENT
+        self.last_path: str | None = None    # "persistent" or "per-step": what the last sequence op ran
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
@@ -122,6 +135,127 @@ class CupyBackend(Backend):
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
             k = self._kernels[key] = mod.get_function(key[1])
         return k
+
+    def _persistent_kernel(self, name: str, dtype):
+        """``{name}_{f32|f64}`` of the persistent source, from its cooperative module."""
+        from ..kernels import DTYPE_SUFFIX, PERSISTENT_SOURCE, kernel_source
+
+        dev = self.xp.cuda.runtime.getDevice()
+        key = (dev, f"{name}_{DTYPE_SUFFIX[np.dtype(dtype).name]}")
+        k = self._kernels.get(key)
+        if k is None:
+            mod = self._pmodules.get(dev)
+            if mod is None:
+                mod = self._pmodules[dev] = self.xp.RawModule(
+                    code=kernel_source(PERSISTENT_SOURCE), options=("-std=c++17",),
+                    enable_cooperative_groups=True)
+            k = self._kernels[key] = mod.get_function(key[1])
+        return k
+
+    def device_info(self):
+        """(name, SMs, dynamic shared memory one block may opt into, shared memory per SM)."""
+        dev = self.xp.cuda.runtime.getDevice()
+        info = self._devinfo.get(dev)
+        if info is None:
+            attrs = self.xp.cuda.Device(dev).attributes
+            name = self.xp.cuda.runtime.getDeviceProperties(dev)["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            info = self._devinfo[dev] = (name, attrs["MultiProcessorCount"],
+                                         attrs["MaxSharedMemoryPerBlockOptin"],
+                                         attrs["MaxSharedMemoryPerMultiprocessor"])
+        return info
+
+    def persistent_plan(self, B: int, H: int, dtype) -> "_persistent.Plan":
+        """The persistent launch for [B,H] on the current device, or PersistentUnfit (says why)."""
+        name, sms, per_block, per_sm = self.device_info()
+        return _persistent.plan(B, H, np.dtype(dtype).itemsize, sm_count=sms,
+                                smem_per_block=per_block, smem_per_sm=per_sm)
+
+    def _launch_persistent(self, name, dt, plan, smem, args):
+        """One cooperative launch of NB blocks, after checking that they are co-resident.
+
+        CuPy shrinks a cooperative grid larger than the device holds without a word, and the
+        kernel's grid barrier then waits for blocks that do not exist: refuse instead.
+        """
+        k = self._persistent_kernel(name, dt)
+        if smem > 48 * 1024:               # dynamic shared memory above 48 KB is opt-in per kernel
+            k.max_dynamic_shared_size_bytes = smem
+        per_sm = self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(k.kernel.ptr, plan.nt, smem)
+        sms = self.device_info()[1]
+        if per_sm * sms < plan.NB:
+            raise _persistent.PersistentUnfit(
+                f"{name}: {plan.NB} blocks of {plan.nt} threads and "
+                f"{smem} bytes of shared memory are not co-resident ({per_sm} per SM x {sms} SMs)")
+        k((plan.NB,), (plan.nt,), args, shared_mem=smem)
+
+    def persistent_lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                                         mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``lstm_forward_sequence`` as one persistent launch (same arguments and results).
+
+        Raises PersistentUnfit when the shape does not fit the device's shared memory or
+        co-residency (``persistent_plan`` says why); the per-step loop has no such limit.
+        """
+        dt = getattr(gates, "dtype", None)
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        a, tbh = self._arg, (T, B, H)
+        args = [a("gates", gates, (T, B, 4 * H), dt), a("hs", hs, (T + 1, B, H), dt),
+                a("cs", cs, (T + 1, B, H), dt), a("U", U, (H, 4 * H), dt), np.dtype(dt).type(forget_bias),
+                a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True)]
+        if T == 0:
+            return
+        plan = self.persistent_plan(B, H, dt)
+        barrier = self.xp.zeros(1, np.uint32)       # the grid barrier's counter, zeroed per launch
+        args += [barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS)]
+        self._launch_persistent("lstm_persistent_forward", dt, plan, plan.smem_forward, tuple(args))
+
+    def persistent_lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
+                                          mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``lstm_backward_sequence`` as one persistent launch (same arguments and results)."""
+        dt = getattr(gates, "dtype", None)
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        a, tbh = self._arg, (T, B, H)
+        args = [a("gates", gates, (T, B, 4 * H), dt), a("cs", cs, (T + 1, B, H), dt), a("dy", dy, tbh, dt),
+                a("dh", dh, (B, H), dt), a("dc", dc, (B, H), dt), a("dz", dz, (T, B, 4 * H), dt),
+                a("UT", UT, (4 * H, H), dt), a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True)]
+        if T == 0:
+            return
+        plan = self.persistent_plan(B, H, dt)
+        barrier = self.xp.zeros(1, np.uint32)
+        args += [barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS)]
+        self._launch_persistent("lstm_persistent_backward", dt, plan, plan.smem_backward, tuple(args))
+
+    def _persistent_mode(self) -> str:
+        return _persistent.mode_from_env() if self.persistent is None else self.persistent
+
+    def _run_sequence(self, persistent_op, fallback, B, H, *args) -> None:
+        """The persistent op where the picker says so and the shape fits, else the per-step loop."""
+        mode = self._persistent_mode()
+        if _persistent.choose(mode, B=B, H=H, device_name=self.device_info()[0]):
+            try:
+                persistent_op(*args)
+                self.last_path = "persistent"
+                return
+            except _persistent.PersistentUnfit:
+                if mode == "on":
+                    raise
+        fallback(*args)
+        self.last_path = "per-step"
+
+    def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                              mask=None, zc=None, zh=None, gmask=None) -> None:
+        B, H = hs.shape[1:]
+        self._run_sequence(self.persistent_lstm_forward_sequence, super().lstm_forward_sequence, B, H,
+                           gates, hs, cs, U, forget_bias, mask, zc, zh, gmask)
+
+    def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
+                               mask=None, zc=None, zh=None, gmask=None) -> None:
+        B, H = dh.shape
+        self._run_sequence(self.persistent_lstm_backward_sequence, super().lstm_backward_sequence, B, H,
+                           gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
 
     def _grid(self, n: int) -> int:
         """Blocks for n elements at BLOCK threads each, capped at WAVES blocks per SM."""

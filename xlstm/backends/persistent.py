@@ -9,7 +9,7 @@ Per block, in elements of the dtype (see lstm_persistent.cuh):
     forward   4*hs*(H+1)  +  B*hs*4*KS        (U's gate columns + the K-split partial sums)
     backward  hs*(4H+1)   +  B*hs*KS          (U's rows          + the K-split partial sums)
 
-The plan takes one block per SM (NB = min(H, SMs)), hs units each, one thread per (unit, split)
+The plan takes at most one block per SM (hs = ceil(H/SMs) units each, NB = ceil(H/hs)), one thread per (unit, split)
 up to 512 threads, and the largest power-of-two K-split KS <= 32 that the threads allow. It
 refuses (PersistentUnfit, with the numbers) when a block's shared memory exceeds what the device
 gives one block; the CuPy backend then also checks the driver's occupancy for the compiled
@@ -67,7 +67,10 @@ def plan(B: int, H: int, itemsize: int, *, sm_count: int, smem_per_block: int,
     """
     if B < 1 or H < 1:
         raise PersistentUnfit(f"persistent kernels need B >= 1 and H >= 1, got B={B}, H={H}")
-    NB = min(H, sm_count) if NB is None else NB
+    if NB is None:
+        # one block per SM, then as few blocks as give the same widest slice (a cheaper barrier)
+        hs = -(-H // min(H, sm_count))
+        NB = -(-H // hs)
     if not 1 <= NB <= H:
         raise PersistentUnfit(f"grid of {NB} blocks for H={H}: need 1 <= blocks <= H")
     hs = -(-H // NB)
