@@ -892,6 +892,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for the whole run; cells that would not fit are skipped (default 840, quick 45)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--persistent", choices=("auto", "on", "off"), default=None,
+                        help="CuPy: force the persistent kernels (on), the per-step kernels (off), or "
+                             "let the crossover table pick (auto); default XLSTM_PERSISTENT, else auto")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for JSON/CSV/PNG")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
@@ -945,6 +948,9 @@ def run(args) -> int:
     args.max_cell_seconds = args.max_cell_seconds or (20.0 if quick else 150.0)
     args.budget = args.budget or (45.0 if quick else 840.0)
     backends = _resolve_backends(args.backends)
+    for be in backends:
+        if args.persistent is not None and hasattr(be, "persistent"):
+            be.persistent = args.persistent
     torch = None if args.no_torch else _try_import_torch()
     limiter = _apply_threads(args.threads, torch)
     cells = [Cell(H, T, B, L) for B in args.batch for L in layers for H in hidden for T in seqs]
@@ -953,7 +959,7 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "input_size": "= H", "timing": "medians of interleaved rounds after warm-up, "
+            "dtype": args.dtype, "persistent": args.persistent, "input_size": "= H", "timing": "medians of interleaved rounds after warm-up, "
             "GPU synchronised after every call (perf_counter)"}
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "
           f"{args.dtype}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
