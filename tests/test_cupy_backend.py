@@ -588,9 +588,12 @@ def test_persistent_plan_on_an_h200():
 
     h200 = dict(sm_count=132, smem_per_block=232448, smem_per_sm=233472)
     p = plan(64, 1024, 4, **h200)
-    assert (p.NB, p.nt, p.KS) == (128, 512, 1) and max(p.smem_forward, p.smem_backward) <= 232448
-    p = plan(16, 64, 4, **h200)
-    assert (p.NB, p.nt, p.KS) == (64, 256, 16)
+    # 8 units a block x 16 row groups of 4 = 128 work items: 256 threads, a K-split of 2
+    assert (p.NB, p.nt, p.KS) == (128, 256, 2) and max(p.smem_forward, p.smem_backward) <= 232448
+    p = plan(16, 64, 4, **h200)            # 4 work items: the K-split stops at sqrt(H) = 8
+    assert (p.NB, p.nt, p.KS) == (64, 256, 8)
+    p = plan(64, 1280, 4, **h200)          # 10 units x 16 row groups: 160 items
+    assert (p.NB, p.nt, p.KS) == (128, 256, 1)
     plan(64, 768, 8, **h200)
     with pytest.raises(PersistentUnfit, match="shared memory"):
         plan(64, 1024, 8, **h200)

@@ -208,3 +208,14 @@ def test_smem_formula_matches_the_kernel_header(lib, backward):
     for B, H, NB, KS in [(1, 1, 1, 1), (3, 7, 3, 4), (64, 1024, 128, 1), (16, 65, 64, 8)]:
         want = int(lib.host_persistent_smem_elems(int(backward), B, H, NB, KS)) * 4
         assert smem_bytes(backward, B=B, H=H, NB=NB, KS=KS, itemsize=4) == want
+
+
+def test_row_block_matches_the_kernel_header():
+    """The plan sizes the K-split by the header's rows per work item."""
+    import re
+
+    from xlstm.backends.persistent import ROW_BLOCK
+    from xlstm.kernels import KERNELS_DIR
+
+    text = (KERNELS_DIR / "lstm_persistent.cuh").read_text()
+    assert int(re.search(r"#define PERSIST_RB (\d+)", text).group(1)) == ROW_BLOCK

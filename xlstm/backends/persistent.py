@@ -9,10 +9,11 @@ Per block, in elements of the dtype (see lstm_persistent.cuh):
     forward   4*hs*(H+1)  +  B*hs*4*KS        (U's gate columns + the K-split partial sums)
     backward  hs*(4H+1)   +  B*hs*KS          (U's rows          + the K-split partial sums)
 
-The plan takes at most one block per SM (hs = ceil(H/SMs) units each, NB = ceil(H/hs)), one thread per (unit, split)
-up to 512 threads, and the largest power-of-two K-split KS <= 32 that the threads allow. It
-refuses (PersistentUnfit, with the numbers) when a block's shared memory exceeds what the device
-gives one block; the CuPy backend then also checks the driver's occupancy for the compiled
+The plan takes at most one block per SM (hs = ceil(H/SMs) units each, NB = ceil(H/hs)), one
+thread per (group of ROW_BLOCK batch rows, unit, split) up to 512 threads, and the largest
+power-of-two K-split KS <= min(32, sqrt(H)) that the threads allow. It refuses (PersistentUnfit,
+with the numbers) when a block's shared memory exceeds what the device gives one block; the CuPy
+backend then also checks the driver's occupancy for the compiled
 kernel, because CuPy would silently shrink a cooperative grid that does not fit.
 
 Which of persistent or per-step kernels runs is ``choose(...)``: a crossover table by device,
@@ -24,6 +25,7 @@ and per-step launches are known to dominate), to be replaced by the crossover th
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from ..errors import InputError
 
 MAX_THREADS = 512        # the kernels' __launch_bounds__
 MAX_KSPLIT = 32          # threads per unit dot product (a power of two)
+ROW_BLOCK = 4            # batch rows per work item: PERSIST_RB of lstm_persistent.cuh
 SMEM_RESERVED = 1024     # bytes the driver reserves per block (sm_80 and later)
 MODES = ("auto", "on", "off")
 ENV = "XLSTM_PERSISTENT"
@@ -74,10 +77,12 @@ def plan(B: int, H: int, itemsize: int, *, sm_count: int, smem_per_block: int,
     if not 1 <= NB <= H:
         raise PersistentUnfit(f"grid of {NB} blocks for H={H}: need 1 <= blocks <= H")
     hs = -(-H // NB)
-    units = B * hs
-    nt = 256 if units <= 256 else min(MAX_THREADS, -(-units // 32) * 32)
+    items = -(-B // ROW_BLOCK) * hs        # work items of a partial phase before the K-split
+    nt = 256 if items <= 256 else min(MAX_THREADS, -(-items // 32) * 32)
+    # the K-split trades the partial phase's H/KS serial steps against the pointwise phase's
+    # 4*KS: at most sqrt(H) (and what the threads allow)
     KS = 1
-    while KS * 2 <= MAX_KSPLIT and units * KS * 2 <= nt:
+    while KS * 2 <= min(MAX_KSPLIT, math.isqrt(H)) and items * KS * 2 <= nt:
         KS *= 2
     limit = min(smem_per_block, smem_per_sm - SMEM_RESERVED)
     while True:

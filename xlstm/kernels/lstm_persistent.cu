@@ -107,7 +107,7 @@ __device__ __forceinline__ xlstm::PersistentArgs<T> make_args(
 //   barrier [1]      a zeroed unsigned int (the grid barrier's counter).
 //   T, B, H          sizes; KS the K-split (threads per unit dot product), >= 1.
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(512) lstm_persistent_forward_f32(
+extern "C" __global__ void __launch_bounds__(512, 1) lstm_persistent_forward_f32(
     float* gates, float* hs, float* cs, const float* U, float forget_bias, const float* mask,
     const float* zc, const float* zh, const float* gmask, unsigned int* barrier, long long T,
     long long B, long long H, long long KS) {
@@ -116,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(512) lstm_persistent_forward_f32(
                        zc, zh, gmask, T, B, H, KS), barrier);
 }
 
-extern "C" __global__ void __launch_bounds__(512) lstm_persistent_forward_f64(
+extern "C" __global__ void __launch_bounds__(512, 1) lstm_persistent_forward_f64(
     double* gates, double* hs, double* cs, const double* U, double forget_bias,
     const double* mask, const double* zc, const double* zh, const double* gmask,
     unsigned int* barrier, long long T, long long B, long long H, long long KS) {
@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(512) lstm_persistent_forward_f64(
 //   mask [T,B], zc, zh, gmask [T,B,H]: or null, as the forward.   barrier [1]: zeroed.
 //   T, B, H, KS      as the forward.
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(512) lstm_persistent_backward_f32(
+extern "C" __global__ void __launch_bounds__(512, 1) lstm_persistent_backward_f32(
     const float* gates, const float* cs, const float* dy, float* dh, float* dc, float* dz,
     const float* UT, const float* mask, const float* zc, const float* zh, const float* gmask,
     unsigned int* barrier, long long T, long long B, long long H, long long KS) {
@@ -148,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(512) lstm_persistent_backward_f32(
                        dc, dz, 0.0f, mask, zc, zh, gmask, T, B, H, KS), barrier);
 }
 
-extern "C" __global__ void __launch_bounds__(512) lstm_persistent_backward_f64(
+extern "C" __global__ void __launch_bounds__(512, 1) lstm_persistent_backward_f64(
     const double* gates, const double* cs, const double* dy, double* dh, double* dc,
     double* dz, const double* UT, const double* mask, const double* zc, const double* zh,
     const double* gmask, unsigned int* barrier, long long T, long long B, long long H,

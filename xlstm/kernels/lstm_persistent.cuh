@@ -35,6 +35,13 @@
 
 namespace xlstm {
 
+// Batch rows per work item of the partial phases (register blocking: one shared-memory read
+// of U serves this many rows). The launch plan (xlstm/backends/persistent.py) sizes KS by it.
+#define PERSIST_RB 4
+
+// Row groups of PERSIST_RB rows covering B rows.
+XLSTM_HD index_t persistent_row_groups(index_t B) { return (B + PERSIST_RB - 1) / PERSIST_RB; }
+
 // First unit of block k when H units are split over NB blocks (k = NB gives H).
 XLSTM_HD index_t unit_begin(index_t k, index_t H, index_t NB) { return k * H / NB; }
 
@@ -98,24 +105,44 @@ XLSTM_HD void persistent_forward_load(const PersistentArgs<T>& a, index_t k, ind
   }
 }
 
-// Step t, phase 1: the K-split partial products h_{t-1} @ U for the block's units.
+// Step t, phase 1: the K-split partial products h_{t-1} @ U for the block's units. A work item
+// is (row group, unit jj, split r): PERSIST_RB batch rows at once, so each U value read from
+// shared memory serves PERSIST_RB rows (rows past B repeat row B-1 and are not written).
 template <typename T>
 XLSTM_HD void persistent_forward_partial(const PersistentArgs<T>& a, index_t t, index_t k,
                                          index_t tid, index_t nt, T* smem) {
   const UnitSlice s = unit_slice(k, a.H, a.NB);
-  const index_t H = a.H, KS = a.KS, ld = H + 1;
-  const T* h_prev = a.hs + t * a.B * H;
+  const index_t B = a.B, H = a.H, KS = a.KS, ld = H + 1;
+  const T* h_prev = a.hs + t * B * H;
   T* part = smem + 4 * s.hs_max * ld;
-  for (index_t w = tid; w < a.B * s.n * KS; w += nt) {
+  for (index_t w = tid; w < persistent_row_groups(B) * s.n * KS; w += nt) {
     const index_t u = w / KS, r = w - u * KS;
-    const index_t b = u / s.n, jj = u - b * s.n;
-    const T* hr = h_prev + b * H;
-    T acc[4] = {T(0), T(0), T(0), T(0)};
-    for (index_t kk = r; kk < H; kk += KS) {
-      const T hk = hr[kk];
-      for (int g = 0; g < 4; ++g) acc[g] += hk * smem[(g * s.hs_max + jj) * ld + kk];
+    const index_t bg = u / s.n, jj = u - bg * s.n;
+    const T* hr[PERSIST_RB];
+    for (int q = 0; q < PERSIST_RB; ++q) {
+      const index_t b = bg * PERSIST_RB + q;
+      hr[q] = h_prev + (b < B ? b : B - 1) * H;
     }
-    for (int g = 0; g < 4; ++g) part[((b * s.hs_max + jj) * 4 + g) * KS + r] = acc[g];
+    const T* u0 = smem + jj * ld;                      // gate g's column at u0 + g*hs_max*ld
+    const index_t gs = s.hs_max * ld;
+    T acc[PERSIST_RB][4];
+    for (int q = 0; q < PERSIST_RB; ++q)
+      for (int g = 0; g < 4; ++g) acc[q][g] = T(0);
+    for (index_t kk = r; kk < H; kk += KS) {
+      const T w0 = u0[kk], w1 = u0[gs + kk], w2 = u0[2 * gs + kk], w3 = u0[3 * gs + kk];
+      for (int q = 0; q < PERSIST_RB; ++q) {
+        const T hk = hr[q][kk];
+        acc[q][0] += hk * w0;
+        acc[q][1] += hk * w1;
+        acc[q][2] += hk * w2;
+        acc[q][3] += hk * w3;
+      }
+    }
+    for (int q = 0; q < PERSIST_RB; ++q) {
+      const index_t b = bg * PERSIST_RB + q;
+      if (b < B)
+        for (int g = 0; g < 4; ++g) part[((b * s.hs_max + jj) * 4 + g) * KS + r] = acc[q][g];
+    }
   }
 }
 
@@ -170,22 +197,34 @@ XLSTM_HD void persistent_backward_load(const PersistentArgs<T>& a, index_t k, in
   }
 }
 
-// Phase 1 of step t (t < T-1) and of the finish: partial products dz[src] @ U^T for the units.
+// Phase 1 of step t (t < T-1) and of the finish: partial products dz[src] @ U^T for the units,
+// work items (row group, unit jj, split r) as the forward's, so each U value serves PERSIST_RB rows.
 template <typename T>
 XLSTM_HD void persistent_backward_partial(const PersistentArgs<T>& a, index_t src, index_t k,
                                           index_t tid, index_t nt, T* smem) {
   const UnitSlice s = unit_slice(k, a.H, a.NB);
-  const index_t H4 = 4 * a.H, KS = a.KS, ld = H4 + 1;
-  const T* dzs = a.dz + src * a.B * H4;
+  const index_t B = a.B, H4 = 4 * a.H, KS = a.KS, ld = H4 + 1;
+  const T* dzs = a.dz + src * B * H4;
   T* part = smem + s.hs_max * ld;
-  for (index_t w = tid; w < a.B * s.n * KS; w += nt) {
+  for (index_t w = tid; w < persistent_row_groups(B) * s.n * KS; w += nt) {
     const index_t u = w / KS, r = w - u * KS;
-    const index_t b = u / s.n, jj = u - b * s.n;
-    const T* dr = dzs + b * H4;
+    const index_t bg = u / s.n, jj = u - bg * s.n;
+    const T* dr[PERSIST_RB];
+    for (int q = 0; q < PERSIST_RB; ++q) {
+      const index_t b = bg * PERSIST_RB + q;
+      dr[q] = dzs + (b < B ? b : B - 1) * H4;
+    }
     const T* ur = smem + jj * ld;
-    T acc = T(0);
-    for (index_t c = r; c < H4; c += KS) acc += dr[c] * ur[c];
-    part[(b * s.hs_max + jj) * KS + r] = acc;
+    T acc[PERSIST_RB];
+    for (int q = 0; q < PERSIST_RB; ++q) acc[q] = T(0);
+    for (index_t c = r; c < H4; c += KS) {
+      const T uc = ur[c];
+      for (int q = 0; q < PERSIST_RB; ++q) acc[q] += dr[q][c] * uc;
+    }
+    for (int q = 0; q < PERSIST_RB; ++q) {
+      const index_t b = bg * PERSIST_RB + q;
+      if (b < B) part[(b * s.hs_max + jj) * KS + r] = acc[q];
+    }
   }
 }
 
