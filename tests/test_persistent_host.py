@@ -18,30 +18,13 @@ import numpy as np
 import pytest
 
 import kernels_host_lib
+from test_kernels_host import SUFFIX as SFX, _ptr as _p, check
 from xlstm.backends.numpy_backend import NumpyBackend
-
-TOL = {np.float32: 1e-6, np.float64: 1e-12}
-SFX = {np.float32: "f32", np.float64: "f64"}
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     return kernels_host_lib.build_or_skip(tmp_path_factory, "host_persistent")
-
-
-def _p(a):
-    return None if a is None else a.ctypes.data
-
-
-def err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "non-finite value in the emulated kernel's output"
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1.0))
-
-
-def check(what, dt, got, want):
-    e = err(got, want)
-    assert e <= TOL[dt], f"{what} ({np.dtype(dt).name}): error {e:.3g} > {TOL[dt]:g}"
 
 
 def launch_shape(lib, backward, B, H, NB, nt, KS, dt):

@@ -42,6 +42,17 @@ namespace xlstm {
 // Row groups of PERSIST_RB rows covering B rows.
 XLSTM_HD index_t persistent_row_groups(index_t B) { return (B + PERSIST_RB - 1) / PERSIST_RB; }
 
+// Rows of row group bg: p[q] = base + b*stride for b = bg*PERSIST_RB + q, rows past B pointing
+// at row B-1 (read, never written, so every work item runs the same unrolled loop).
+template <typename T>
+XLSTM_HD void row_group_rows(const T* base, index_t bg, index_t B, index_t stride,
+                             const T* (&p)[PERSIST_RB]) {
+  for (int q = 0; q < PERSIST_RB; ++q) {
+    const index_t b = bg * PERSIST_RB + q;
+    p[q] = base + (b < B ? b : B - 1) * stride;
+  }
+}
+
 // First unit of block k when H units are split over NB blocks (k = NB gives H).
 XLSTM_HD index_t unit_begin(index_t k, index_t H, index_t NB) { return k * H / NB; }
 
@@ -119,10 +130,7 @@ XLSTM_HD void persistent_forward_partial(const PersistentArgs<T>& a, index_t t, 
     const index_t u = w / KS, r = w - u * KS;
     const index_t bg = u / s.n, jj = u - bg * s.n;
     const T* hr[PERSIST_RB];
-    for (int q = 0; q < PERSIST_RB; ++q) {
-      const index_t b = bg * PERSIST_RB + q;
-      hr[q] = h_prev + (b < B ? b : B - 1) * H;
-    }
+    row_group_rows(h_prev, bg, B, H, hr);
     const T* u0 = smem + jj * ld;                      // gate g's column at u0 + g*hs_max*ld
     const index_t gs = s.hs_max * ld;
     T acc[PERSIST_RB][4];
@@ -210,10 +218,7 @@ XLSTM_HD void persistent_backward_partial(const PersistentArgs<T>& a, index_t sr
     const index_t u = w / KS, r = w - u * KS;
     const index_t bg = u / s.n, jj = u - bg * s.n;
     const T* dr[PERSIST_RB];
-    for (int q = 0; q < PERSIST_RB; ++q) {
-      const index_t b = bg * PERSIST_RB + q;
-      dr[q] = dzs + (b < B ? b : B - 1) * H4;
-    }
+    row_group_rows(dzs, bg, B, H4, dr);
     const T* ur = smem + jj * ld;
     T acc[PERSIST_RB];
     for (int q = 0; q < PERSIST_RB; ++q) acc[q] = T(0);
