@@ -660,3 +660,14 @@ def test_gpu_persistent_refuses_an_oversized_grid():
     gates = cp.zeros((T, B, 4 * H), cp.float32)
     with pytest.raises(PersistentUnfit, match="not co-resident"):
         be._launch_persistent("lstm_persistent_forward", cp.float32, big, per_block, (gates,))
+
+
+def test_emulated_persistent_empty_sequence_launches_nothing(emulated):
+    be, fake = emulated
+    B, H = 2, 3
+    g = np.zeros((0, B, 4 * H), np.float32)
+    hs = np.ones((1, B, H), np.float32)
+    dh, dc = np.ones((B, H), np.float32), np.ones((B, H), np.float32)
+    be.persistent_lstm_forward_sequence(g, hs, hs.copy(), np.zeros((H, 4 * H), np.float32), 1.0)
+    be.persistent_lstm_backward_sequence(g, hs, g[..., :H], dh, dc, g.copy(), np.zeros((4 * H, H), np.float32))
+    assert fake.launches == [] and (dh == 1).all() and (dc == 1).all()

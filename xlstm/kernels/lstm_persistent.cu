@@ -22,13 +22,27 @@ namespace {
 // one round adds exactly 2^31: bit 31 flips when the last block arrives, and the low bits are
 // back to 0 for the next round. The fences order each block's global writes before its arrival
 // and the other blocks' reads after the barrier.
+//
+// A wait longer than BARRIER_TIMEOUT_NS means a block that never arrives (a grid that is not
+// co-resident, or a bug): the kernel traps, so the launch fails with an error instead of
+// hanging the process and the GPU. A step takes microseconds, so 10 s is never a real wait.
+#define BARRIER_TIMEOUT_NS 10000000000ull
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 __device__ __forceinline__ void grid_barrier(unsigned int* barrier) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
     __threadfence();
     const unsigned int old = atomicAdd(barrier, add);
+    const unsigned long long start = global_ns();
     while (((old ^ *(volatile unsigned int*)barrier) & 0x80000000u) == 0u) {
+      if (global_ns() - start > BARRIER_TIMEOUT_NS) __trap();
     }
     __threadfence();
   }
