@@ -652,13 +652,12 @@ def test_gpu_persistent_refuses_an_oversized_grid():
 
     be = resolve("cupy")
     cp = be.xp
-    T, B, H = 2, 2, 4096
+    T, B, H = 2, 2, 64
     name, sms, per_block, per_sm = be.device_info()
-    plan = be.persistent_plan(B, 64, np.float32)
-    big = dataclasses.replace(plan, NB=sms * 64)      # more blocks than the device can hold
-    gates = cp.zeros((T, B, 4 * H), cp.float32)
+    plan = be.persistent_plan(B, H, np.float32)
+    big = dataclasses.replace(plan, NB=sms * 64, smem_forward=per_block)   # more than the device holds
     with pytest.raises(PersistentUnfit, match="not co-resident"):
-        be._launch_persistent("lstm_persistent_forward", cp.float32, big, per_block, (gates,))
+        be._launch_persistent("lstm_persistent_forward", cp.float32, (), T, B, H, plan=big)
 
 
 def test_emulated_persistent_empty_sequence_launches_nothing(emulated):

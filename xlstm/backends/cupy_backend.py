@@ -171,12 +171,15 @@ class CupyBackend(Backend):
         return _persistent.plan(B, H, np.dtype(dtype).itemsize, sm_count=sms,
                                 smem_per_block=per_block, smem_per_sm=per_sm)
 
-    def _launch_persistent(self, name, dt, plan, smem, args):
-        """One cooperative launch of NB blocks, after checking that they are co-resident.
+    def _launch_persistent(self, name, dt, args, T, B, H, plan=None):
+        """One cooperative launch of ``name`` with ``args`` + (barrier, T, B, H, KS).
 
-        CuPy shrinks a cooperative grid larger than the device holds without a word, and the
-        kernel's grid barrier then waits for blocks that do not exist: refuse instead.
+        Checks co-residency first: CuPy shrinks a cooperative grid larger than the device
+        holds without a word, and the kernel's grid barrier would then wait for blocks that do
+        not exist. ``plan`` defaults to ``persistent_plan(B, H, dt)``.
         """
+        plan = self.persistent_plan(B, H, dt) if plan is None else plan
+        smem = plan.smem_backward if "backward" in name else plan.smem_forward
         k = self._persistent_kernel(name, dt)
         if smem > 48 * 1024:               # dynamic shared memory above 48 KB is opt-in per kernel
             k.max_dynamic_shared_size_bytes = smem
@@ -186,6 +189,8 @@ class CupyBackend(Backend):
             raise _persistent.PersistentUnfit(
                 f"{name}: {plan.NB} blocks of {plan.nt} threads and "
                 f"{smem} bytes of shared memory are not co-resident ({per_sm} per SM x {sms} SMs)")
+        barrier = self.xp.zeros(1, np.uint32)       # the grid barrier's counter, zeroed per launch
+        args = tuple(args) + (barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS))
         k((plan.NB,), (plan.nt,), args, shared_mem=smem)
 
     def persistent_lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
@@ -199,16 +204,12 @@ class CupyBackend(Backend):
         T, B, H4 = gates.shape
         H = H4 // 4
         a, tbh = self._arg, (T, B, H)
-        args = [a("gates", gates, (T, B, 4 * H), dt), a("hs", hs, (T + 1, B, H), dt),
+        args = (a("gates", gates, (T, B, 4 * H), dt), a("hs", hs, (T + 1, B, H), dt),
                 a("cs", cs, (T + 1, B, H), dt), a("U", U, (H, 4 * H), dt), np.dtype(dt).type(forget_bias),
                 a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
-                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True)]
-        if T == 0:
-            return
-        plan = self.persistent_plan(B, H, dt)
-        barrier = self.xp.zeros(1, np.uint32)       # the grid barrier's counter, zeroed per launch
-        args += [barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS)]
-        self._launch_persistent("lstm_persistent_forward", dt, plan, plan.smem_forward, tuple(args))
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True))
+        if T > 0:
+            self._launch_persistent("lstm_persistent_forward", dt, args, T, B, H)
 
     def persistent_lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
                                           mask=None, zc=None, zh=None, gmask=None) -> None:
@@ -217,16 +218,12 @@ class CupyBackend(Backend):
         T, B, H4 = gates.shape
         H = H4 // 4
         a, tbh = self._arg, (T, B, H)
-        args = [a("gates", gates, (T, B, 4 * H), dt), a("cs", cs, (T + 1, B, H), dt), a("dy", dy, tbh, dt),
+        args = (a("gates", gates, (T, B, 4 * H), dt), a("cs", cs, (T + 1, B, H), dt), a("dy", dy, tbh, dt),
                 a("dh", dh, (B, H), dt), a("dc", dc, (B, H), dt), a("dz", dz, (T, B, 4 * H), dt),
                 a("UT", UT, (4 * H, H), dt), a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
-                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True)]
-        if T == 0:
-            return
-        plan = self.persistent_plan(B, H, dt)
-        barrier = self.xp.zeros(1, np.uint32)
-        args += [barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS)]
-        self._launch_persistent("lstm_persistent_backward", dt, plan, plan.smem_backward, tuple(args))
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True))
+        if T > 0:
+            self._launch_persistent("lstm_persistent_backward", dt, args, T, B, H)
 
     def _persistent_mode(self) -> str:
         return _persistent.mode_from_env() if self.persistent is None else self.persistent
