@@ -131,6 +131,10 @@ def test_cli_has_the_bench_subcommand():
     assert SUBCOMMANDS["bench"][0] == "xlstm.bench"
     args = build_parser().parse_args(["bench", "--quick", "--batch", "32,64"])
     assert args.quick and args.batch == (32, 64)
+    assert args.persistent is None          # the backend's own choice unless forced
+    assert build_parser().parse_args(["bench", "--persistent", "off"]).persistent == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--persistent", "maybe"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

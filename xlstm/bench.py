@@ -922,6 +922,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for the whole run; cells that would not fit are skipped (default 840, quick 45)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--persistent", choices=("auto", "on", "off"), default=None,
+                        help="CuPy: force the persistent kernels (on), the per-step kernels (off), or "
+                             "let the crossover table pick (auto); default XLSTM_PERSISTENT, else auto")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for JSON/CSV/PNG")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
@@ -978,6 +981,8 @@ def run(args) -> int:
     for be in backends:
         if args.cuda_graphs is not None and hasattr(be, "cuda_graphs"):
             be.cuda_graphs = args.cuda_graphs == "on"
+        if args.persistent is not None and hasattr(be, "persistent"):
+            be.persistent = args.persistent
     torch = None if args.no_torch else _try_import_torch()
     limiter = _apply_threads(args.threads, torch)
     cells = [Cell(H, T, B, L) for B in args.batch for L in layers for H in hidden for T in seqs]
@@ -988,6 +993,7 @@ def run(args) -> int:
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
             "dtype": args.dtype, "input_size": "= H",
             "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
+            "persistent": args.persistent,
             "timing": "medians of interleaved rounds after warm-up, "
             "GPU synchronised after every call (perf_counter)"}
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "

@@ -21,6 +21,17 @@ capture) in eager and captured runs alike, so both are the same cuBLAS calls and
 equal. Without nvmath-python the backend says so once and runs the eager loop (cupy's
 cuBLAS). Traces (``trace=True``) run eagerly (``Backend.eager``). Not yet run on a GPU: the
 capture logic is proven on the CPU against a stand-in cupy (tests/test_cuda_graphs.py).
+
+Persistent kernels (``xlstm/kernels/lstm_persistent.cu``, their own RawModule compiled with
+``enable_cooperative_groups=True``): the plain cell's ``lstm_forward_sequence`` and
+``lstm_backward_sequence`` may instead run all T steps in one cooperative launch that keeps
+U's slice of each block in shared memory. ``persistent`` ("auto" | "on" | "off", default the
+environment variable XLSTM_PERSISTENT, else "off" until the
+table is measured on a device) picks; "auto" follows the crossover table
+of ``xlstm.backends.persistent`` (UNMEASURED: written without a GPU) and falls back to the
+per-step loop (graph-replayed where graphs are on) where the grid does not fit; "on" raises
+instead of falling back. Persistent launches are never captured into a graph (each zeroes its
+own grid-barrier counter) and ``eager()`` (traces) runs the per-step loop.
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import cuda_graphs
+from . import persistent as _persistent
 from .base import Backend
 
 _graphs_note_shown = False
@@ -117,6 +129,10 @@ class CupyBackend(Backend):
         self.cuda_graphs = graphs_env_default()   # the switch; False runs the eager loop
         self.graphs = cuda_graphs.GraphCache(maxsize=16)
         self._gemms: dict = {}        # device id -> CublasGemm, or None where nvmath is missing
+        self._pmodules: dict = {}     # device id -> the persistent kernels' cooperative RawModule
+        self._devinfo: dict = {}      # device id -> (name, SMs, smem per block opt-in, smem per SM)
+        self.persistent: str | None = None   # "auto" | "on" | "off"; None: XLSTM_PERSISTENT
+        self.last_path: str | None = None    # "persistent" or "per-step": what the last sequence op ran
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
@@ -146,6 +162,113 @@ class CupyBackend(Backend):
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
             k = self._kernels[key] = mod.get_function(key[1])
         return k
+
+    def _persistent_kernel(self, name: str, dtype):
+        """``{name}_{f32|f64}`` of the persistent source, from its cooperative module."""
+        from ..kernels import DTYPE_SUFFIX, PERSISTENT_SOURCE, kernel_source
+
+        dev = self.xp.cuda.runtime.getDevice()
+        key = (dev, f"{name}_{DTYPE_SUFFIX[np.dtype(dtype).name]}")
+        k = self._kernels.get(key)
+        if k is None:
+            mod = self._pmodules.get(dev)
+            if mod is None:
+                mod = self._pmodules[dev] = self.xp.RawModule(
+                    code=kernel_source(PERSISTENT_SOURCE), options=("-std=c++17",),
+                    enable_cooperative_groups=True)
+            k = self._kernels[key] = mod.get_function(key[1])
+        return k
+
+    def device_info(self):
+        """(name, SMs, dynamic shared memory one block may opt into, shared memory per SM)."""
+        dev = self.xp.cuda.runtime.getDevice()
+        info = self._devinfo.get(dev)
+        if info is None:
+            attrs = self.xp.cuda.Device(dev).attributes
+            name = self.xp.cuda.runtime.getDeviceProperties(dev)["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            info = self._devinfo[dev] = (name, attrs["MultiProcessorCount"],
+                                         attrs["MaxSharedMemoryPerBlockOptin"],
+                                         attrs["MaxSharedMemoryPerMultiprocessor"])
+        return info
+
+    def persistent_plan(self, B: int, H: int, dtype) -> "_persistent.Plan":
+        """The persistent launch for [B,H] on the current device, or PersistentUnfit (says why)."""
+        name, sms, per_block, per_sm = self.device_info()
+        return _persistent.plan(B, H, np.dtype(dtype).itemsize, sm_count=sms,
+                                smem_per_block=per_block, smem_per_sm=per_sm)
+
+    def _launch_persistent(self, name, dt, args, T, B, H, plan=None):
+        """One cooperative launch of ``name`` with ``args`` + (barrier, T, B, H, KS).
+
+        Checks co-residency first: CuPy shrinks a cooperative grid larger than the device
+        holds without a word, and the kernel's grid barrier would then wait for blocks that do
+        not exist. ``plan`` defaults to ``persistent_plan(B, H, dt)``.
+        """
+        plan = self.persistent_plan(B, H, dt) if plan is None else plan
+        smem = plan.smem_backward if "backward" in name else plan.smem_forward
+        k = self._persistent_kernel(name, dt)
+        if smem > 48 * 1024:               # dynamic shared memory above 48 KB is opt-in per kernel
+            k.max_dynamic_shared_size_bytes = smem
+        per_sm = self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(k.kernel.ptr, plan.nt, smem)
+        sms = self.device_info()[1]
+        if per_sm * sms < plan.NB:
+            raise _persistent.PersistentUnfit(
+                f"{name}: {plan.NB} blocks of {plan.nt} threads and "
+                f"{smem} bytes of shared memory are not co-resident ({per_sm} per SM x {sms} SMs)")
+        barrier = self.xp.zeros(1, np.uint32)       # the grid barrier's counter, zeroed per launch
+        args = tuple(args) + (barrier, np.int64(T), np.int64(B), np.int64(H), np.int64(plan.KS))
+        k((plan.NB,), (plan.nt,), args, shared_mem=smem)
+
+    def persistent_lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                                         mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``lstm_forward_sequence`` as one persistent launch (same arguments and results).
+
+        Raises PersistentUnfit when the shape does not fit the device's shared memory or
+        co-residency (``persistent_plan`` says why); the per-step loop has no such limit.
+        """
+        dt = getattr(gates, "dtype", None)
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        a, tbh = self._arg, (T, B, H)
+        args = (a("gates", gates, (T, B, 4 * H), dt), a("hs", hs, (T + 1, B, H), dt),
+                a("cs", cs, (T + 1, B, H), dt), a("U", U, (H, 4 * H), dt), np.dtype(dt).type(forget_bias),
+                a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True))
+        if T > 0:
+            self._launch_persistent("lstm_persistent_forward", dt, args, T, B, H)
+
+    def persistent_lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
+                                          mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``lstm_backward_sequence`` as one persistent launch (same arguments and results)."""
+        dt = getattr(gates, "dtype", None)
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        a, tbh = self._arg, (T, B, H)
+        args = (a("gates", gates, (T, B, 4 * H), dt), a("cs", cs, (T + 1, B, H), dt), a("dy", dy, tbh, dt),
+                a("dh", dh, (B, H), dt), a("dc", dc, (B, H), dt), a("dz", dz, (T, B, 4 * H), dt),
+                a("UT", UT, (4 * H, H), dt), a("mask", mask, (T, B), dt, True), a("zc", zc, tbh, dt, True),
+                a("zh", zh, tbh, dt, True), a("gmask", gmask, tbh, dt, True))
+        if T > 0:
+            self._launch_persistent("lstm_persistent_backward", dt, args, T, B, H)
+
+    def _persistent_mode(self) -> str:
+        return _persistent.mode_from_env() if self.persistent is None else self.persistent
+
+    def _run_sequence(self, persistent_op, fallback, B, H, *args) -> None:
+        """The persistent op where the picker says so and the shape fits, else ``fallback`` (the
+        per-step loop, graph-replayed where graphs are active). ``eager()`` forces the fallback."""
+        mode = self._persistent_mode()
+        if not self._force_eager and _persistent.choose(mode, B=B, H=H, device_name=self.device_info()[0]):
+            try:
+                persistent_op(*args)
+                self.last_path = "persistent"
+                return
+            except _persistent.PersistentUnfit:
+                if mode == "on":
+                    raise
+        fallback(*args)
+        self.last_path = "per-step"
 
     def _grid(self, n: int) -> int:
         """Blocks for n elements at BLOCK threads each, capped at WAVES blocks per SM."""
@@ -333,13 +456,23 @@ class CupyBackend(Backend):
             keep.append(self._tmp("ln_part", (B, 10 * (H4 // 4)), dt))
         return keep
 
-    def lstm_forward_sequence(self, *args, **kwargs) -> None:
-        """``Backend.lstm_forward_sequence`` (same arguments), eager or replayed as a graph."""
-        self._sequence("lstm_forward_sequence", args, kwargs)
+    def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                              mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``Backend.lstm_forward_sequence`` (same arguments): persistent where picked, else
+        eager or replayed as a graph."""
+        B, H = hs.shape[1:]
+        self._run_sequence(self.persistent_lstm_forward_sequence,
+                           lambda *a: self._sequence("lstm_forward_sequence", a, {}), B, H,
+                           gates, hs, cs, U, forget_bias, mask, zc, zh, gmask)
 
-    def lstm_backward_sequence(self, *args, **kwargs) -> None:
-        """``Backend.lstm_backward_sequence`` (same arguments), eager or replayed as a graph."""
-        self._sequence("lstm_backward_sequence", args, kwargs)
+    def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
+                               mask=None, zc=None, zh=None, gmask=None) -> None:
+        """``Backend.lstm_backward_sequence`` (same arguments): persistent where picked, else
+        eager or replayed as a graph."""
+        B, H = dh.shape
+        self._run_sequence(self.persistent_lstm_backward_sequence,
+                           lambda *a: self._sequence("lstm_backward_sequence", a, {}), B, H,
+                           gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
 
     def ln_lstm_forward_sequence(self, *args, **kwargs) -> None:
         """``Backend.ln_lstm_forward_sequence`` (same arguments), eager or replayed as a graph."""
