@@ -184,3 +184,52 @@ def test_plain_pointwise_steps_allocate_nothing_per_step(dtype):
     assert peak <= 3 * np.getbufsize() * itemsize < B * H * itemsize, (peak, B * H * itemsize)
     for a in (zz, c, h, dz, dc, dh):
         assert a.dtype == np.dtype(dtype)
+
+
+# -- host results are snapshots (issue 9: on NumPy ``to_numpy`` is the live buffer) ---------------
+def _snapshot(host):
+    y, dx, grads = host
+    return np.array(y), np.array(dx), {k: np.array(v) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("use_torch", [False, True])
+def test_host_results_do_not_change_when_the_backend_runs_again(use_torch):
+    """What ``check`` keeps of one backend is what that backend computed then, not a view of
+    gradients that the timing runs go on accumulating into."""
+    torch = pytest.importorskip("torch") if use_torch else None
+    runner = bench.CellRunner(bench.Cell(8, 3, 2, 1), xlstm.backends.resolve("numpy"), "float32",
+                              torch, use_torch=use_torch)
+    runner.check()
+    before = _snapshot(runner.host_results)
+    for c in runner.contenders():       # what the timing does after the check
+        c.fn()
+    runner.memory()
+    after = runner.host_results
+    for a, b in ((after[0], before[0]), (after[1], before[1])):
+        np.testing.assert_array_equal(a, b)
+    for k in before[2]:
+        np.testing.assert_array_equal(after[2][k], before[2][k], err_msg=f"grad {k} changed")
+    # and the snapshot owns its memory: no view of the model's arrays
+    for k, g in runner.lstm.grads.items():
+        assert not np.shares_memory(after[2][k], g), k
+
+
+class _SecondNumpy(NumpyBackend):
+    """NumPy under the name 'cupy': the bench compares it against the NumPy backend's results,
+    the path ``--backends numpy,cupy`` takes on a GPU machine (no torch on this 'device')."""
+    name = "cupy"
+
+
+def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
+    """The second backend of a cell is checked against what the first computed in its check;
+    with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
+    step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
+                     "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                     "--no-memory", "--out", str(tmp_path), "--name", "two"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "two.json").read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("numpy", "ok"), ("cupy", "ok")]
+    assert rows[1]["check_max_rel_err"] < bench.TOLERANCE["float32"]
+    assert rows[1]["speedup_vs_numpy"] > 0

@@ -142,7 +142,7 @@ def make_fake_cupy(lib):
 
     mod = FakeCupy("cupy")
     mod.ndarray = np.ndarray
-    mod.asnumpy = np.asarray
+    mod.asnumpy = np.array                    # a host copy, as cupy.asnumpy from a device
     mod.RawModule = lambda code, options=(), **kw: _HostModule(fake, code, options)
     mod.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0),

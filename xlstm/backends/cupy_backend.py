@@ -98,8 +98,8 @@ class CupyBackend(Backend):
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 
-    def to_numpy(self, a):
-        return self.xp.asnumpy(a)
+    def to_numpy(self, a, copy: bool = False):
+        return self.xp.asnumpy(a)         # a new host array: always a copy
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
