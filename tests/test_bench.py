@@ -233,3 +233,22 @@ def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
     assert [(r["backend"], r["status"]) for r in rows] == [("numpy", "ok"), ("cupy", "ok")]
     assert rows[1]["check_max_rel_err"] < bench.TOLERANCE["float32"]
     assert rows[1]["speedup_vs_numpy"] > 0
+
+
+def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
+    """benchmarks/embedding_grad.py (sort vs one-hot on the GPU) runs here on a tiny grid."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "embedding_grad.py")
+    spec = importlib.util.spec_from_file_location("embedding_grad", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--backend", "numpy", "--repeat", "2", "--vocab", "5,300", "--tokens", "64",
+                     "--dims", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "embedding_grad.json").read_text())["rows"]
+    assert {(r["V"], r["method"]) for r in rows} == {(v, m) for v in (5, 300) for m in mod.METHODS}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["max_abs_err_f64"] < 1e-12 and r["bitwise_repeatable"]
+    assert (tmp_path / "embedding_grad.csv").exists()

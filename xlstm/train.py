@@ -6,7 +6,9 @@ The corpus is cut into ``--batch`` streams read in windows of ``--seq-len`` toke
 state carried from window to window; Adam with global-norm clipping and a warm-up + cosine
 learning rate. Without ``--text`` it trains on the Python standard library's source (no
 download). Checkpoints (see ``xlstm/checkpoint.py``) hold everything a run depends on, so
-``--resume`` continues exactly: on the CPU the resumed losses equal an uninterrupted run's.
+``--resume`` continues exactly: the resumed losses equal an uninterrupted run's (tested on
+the CPU; on the GPU every gradient is summed in a fixed order, no atomics, and the gpu tests
+in tests/test_train.py check the same there).
 """
 from __future__ import annotations
 
