@@ -237,14 +237,7 @@ def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
 
 def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
     """benchmarks/embedding_grad.py (sort vs one-hot on the GPU) runs here on a tiny grid."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "embedding_grad.py")
-    spec = importlib.util.spec_from_file_location("embedding_grad", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("embedding_grad.py")
     assert mod.main(["--backend", "numpy", "--repeat", "2", "--vocab", "5,300", "--tokens", "64",
                      "--dims", "3", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "embedding_grad.json").read_text())["rows"]
@@ -252,3 +245,41 @@ def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
     for r in rows:
         assert r["median_ms"] > 0 and r["max_abs_err_f64"] < 1e-12 and r["bitwise_repeatable"]
     assert (tmp_path / "embedding_grad.csv").exists()
+
+
+def _load_script(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_readme_is_built_from_a_two_backend_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_readme.py turns what gpu_check.sh leaves (here: a real two-backend run on
+    the CPU, the second NumPy labelled 'cupy') into the README table; missing parts say so."""
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    assert bench.main(["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", "--no-torch", "--out", str(tmp_path), "--name", "gpu"]) == 0
+    (tmp_path / "pytest_gpu.txt").write_text("....\n4 passed in 1.00s\n")
+    gr = _load_script("gpu_readme.py")
+    assert gr.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    for T in (3, 4):
+        n = next(r for r in rows if r["backend"] == "numpy" and r["T"] == T)
+        c = next(r for r in rows if r["backend"] == "cupy" and r["T"] == T)
+        line = next(s for s in text.splitlines() if s.startswith(f"| 1 | 8 | {T} | 2 |"))
+        assert gr._fmt(n["step_ms"]) in line and gr._fmt(c["step_ms"]) in line
+        sp = n["step_ms"] / c["step_ms"]
+        assert (f"{sp:.1f}x" in line) if sp >= 1 else ("CuPy slower" in line)
+    assert "`4 passed in 1.00s`" in text
+    assert "machine.txt missing" in text and "embedding_grad.json missing (not measured)" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="gpu.json is missing"):
+        gr.build(str(empty))
