@@ -14,19 +14,10 @@ import json
 import os
 import sys
 
+if __package__ in (None, ""):                 # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def _fmt(v, nd=2):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if v >= 100:
-            return f"{v:.0f}"
-        return f"{v:.{nd}f}" if v >= 0.01 else f"{v:.2g}"
-    return str(v)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
+from xlstm.bench import _fmt, _ratio  # noqa: E402
 
 
 def _read(folder, name):

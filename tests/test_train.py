@@ -82,23 +82,29 @@ def test_interrupt_and_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path)
     assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
-    run = tmp_path / "run"
+def ctrl_c_train(run, *argv, lines=3, timeout=60):
+    """Start ``xlstm train *argv --out run``, press Ctrl-C once ``lines`` metrics are written
+    (or when it ends first); returns (exit code, stdout, stderr)."""
     env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "100000",
-                          "--save-every", "100000", "--out", str(run)],
+    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", *map(str, argv), "--out", str(run)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if os.path.exists(run / "metrics.jsonl") and len(open(run / "metrics.jsonl").readlines()) >= 3:
+        deadline = time.time() + timeout
+        while time.time() < deadline and p.poll() is None:
+            if os.path.exists(run / "metrics.jsonl") and len(open(run / "metrics.jsonl").readlines()) >= lines:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=timeout)
     finally:
         p.kill()
-    assert p.returncode == 130, out + err
+    return p.returncode, out, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = ctrl_c_train(run, "--text", corpus, *TINY, "--steps", "100000", "--save-every", "100000")
+    assert rc == 130, out + err
     assert "Traceback" not in err and "checkpoint saved" in out
     step = checkpoint.checkpoint_step(checkpoint.list_checkpoints(str(run))[0])
     assert step >= 3
@@ -322,20 +328,8 @@ def test_gpu_ctrl_c_then_resume_equals_uninterrupted(corpus, tmp_path):
     opts = _gpu_opts(corpus, steps, "--save-every", "100000")
     a, b = tmp_path / "a", tmp_path / "b"
     xlstm("train", *opts, "--out", a, check=0)
-    env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", *map(str, opts), "--out", str(b)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            if os.path.exists(b / "metrics.jsonl") and len(open(b / "metrics.jsonl").readlines()) >= 5:
-                break
-            time.sleep(0.01)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 130, "the run was not interrupted (finished first?): " + out + err
+    rc, out, err = ctrl_c_train(b, *opts, lines=5, timeout=120)
+    assert rc == 130, "the run was not interrupted (finished first?): " + out + err
     step = checkpoint.checkpoint_step(checkpoint.list_checkpoints(str(b))[0])
     assert 5 <= step < steps
     xlstm("train", "--resume", b, "--backend", "cupy", "--no-progress", check=0)
