@@ -29,6 +29,7 @@ if __package__ in (None, ""):                 # run as a script from a source ch
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xlstm.backends import resolve  # noqa: E402
+from xlstm.errors import XlstmError  # noqa: E402
 from xlstm.layers import ONEHOT_MAX_ELEMENTS, scatter_add_rows  # noqa: E402
 
 VOCABS = (65, 256, 1024, 8192, 50257)
@@ -96,7 +97,11 @@ def main(argv=None) -> int:
     p.add_argument("--dims", default=",".join(map(str, DIMS)))
     p.add_argument("--out", default=None, help="folder for embedding_grad.json / .csv")
     a = p.parse_args(argv)
-    be = resolve(a.backend)
+    try:
+        be = resolve(a.backend)
+    except XlstmError as e:
+        print(f"embedding_grad: {e}", file=sys.stderr)
+        return 2
     rows = []
     print(f"{'V':>6} {'N':>5} {'dim':>4} | " + " | ".join(f"{m:>16}" for m in METHODS)
           + "   (median ms, repeatable?)")
