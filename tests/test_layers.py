@@ -202,6 +202,20 @@ def test_scatter_add_rows_sort_sums_a_segment_exactly_when_exact():
             np.testing.assert_array_equal(out, ref, err_msg=f"{method} N={N}")
 
 
+@pytest.mark.parametrize("method", ["sort", "onehot"])
+@pytest.mark.parametrize("idtype", ["uint8", "int16", "int32", "uint64"])
+def test_scatter_add_rows_any_integer_ids(method, idtype):
+    """Small id dtypes with a vocabulary past their range of the other: V = 300 > 255."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, min(300, np.iinfo(idtype).max), 50).astype(idtype)
+    rows = rng.standard_normal((50, 2))
+    ref = np.zeros((300, 2))
+    np.add.at(ref, ids, rows)
+    out = np.zeros((300, 2))
+    scatter_add_rows(np, out, ids, rows, method)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_scatter_add_rows_empty_and_bad_method():
     out = np.ones((3, 2))
     for method in SCATTER_METHODS:

@@ -111,7 +111,8 @@ def scatter_add_rows(xp, out, ids, rows, method: str = "auto") -> None:
     if method == "auto":
         method = "onehot" if V <= ONEHOT_MAX_VOCAB and V * N <= ONEHOT_MAX_ELEMENTS else "sort"
     if method == "onehot":
-        onehot = (ids[:, None] == xp.arange(V, dtype=ids.dtype)[None, :]).astype(out.dtype)
+        # arange in its default int64: in the ids' dtype (uint8, say) it would wrap past 255
+        onehot = (ids[:, None] == xp.arange(V)[None, :]).astype(out.dtype)
         out += onehot.T @ rows
         return
     order = xp.argsort(ids, kind="stable")
