@@ -283,3 +283,13 @@ def test_gpu_readme_is_built_from_a_two_backend_run(tmp_path, monkeypatch, capsy
     empty.mkdir()
     with pytest.raises(SystemExit, match="gpu.json is missing"):
         gr.build(str(empty))
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh gets one run on a scarce GPU: at least its shell syntax is checked here."""
+    import os
+    import subprocess
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
