@@ -374,6 +374,20 @@ def test_emulated_bad_arguments_are_named(emulated):
                              c.astype(np.float16), h.astype(np.float16), 1.0)
 
 
+def test_to_numpy_copy_of_a_host_array_owns_its_memory():
+    """copy=True is a snapshot also when a host array reaches the CuPy backend: the real
+    ``cupy.asnumpy`` (no device needed for this) returns a NumPy array itself."""
+    pytest.importorskip("cupy")
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    be = CupyBackend()
+    a = np.arange(4.0)
+    assert be.to_numpy(a) is a
+    kept = be.to_numpy(a, copy=True)
+    a += 1
+    np.testing.assert_array_equal(kept, np.arange(4.0))
+
+
 def language_model_step(backend, dtype, grad_method, layer_norm, seed=3, V=13, E=6, H=10, T=7, B=4):
     """One training step's gradients of Embedding -> LSTM -> Dense -> cross-entropy, with
     ids that repeat (a third of them one id), on ``backend``; host copies by name."""

@@ -389,8 +389,8 @@ def _state_arrays(model, opt, carry) -> dict:
             arrays[f"opt/{k}/{b}"] = v
     if carry is not None:
         be = model.backend
-        arrays["carry/h"] = np.array(be.to_numpy(carry[0]))
-        arrays["carry/c"] = np.array(be.to_numpy(carry[1]))
+        arrays["carry/h"] = be.to_numpy(carry[0], copy=True)
+        arrays["carry/c"] = be.to_numpy(carry[1], copy=True)
     return arrays
 
 

@@ -99,7 +99,8 @@ class CupyBackend(Backend):
         return self.xp.asarray(a, dtype=dtype)
 
     def to_numpy(self, a, copy: bool = False):
-        return self.xp.asnumpy(a)         # a new host array: always a copy
+        out = self.xp.asnumpy(a)          # from the device: a new host array
+        return np.array(out) if copy and out is a else out   # a host array given: itself
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
