@@ -243,7 +243,7 @@ def make_fake_cupy(lib):
 
     mod = FakeCupy("cupy")
     mod.ndarray = np.ndarray
-    mod.asnumpy = np.asarray
+    mod.asnumpy = np.array                    # a host copy, as cupy.asnumpy from a device
     mod.RawModule = lambda code, options=(), **kw: _HostModule(fake, code, options, **kw)
     mod.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0,
@@ -581,6 +581,70 @@ def test_emulated_bad_arguments_are_named(emulated):
                              c.astype(np.float16), h.astype(np.float16), 1.0)
 
 
+def test_to_numpy_copy_of_a_host_array_owns_its_memory():
+    """copy=True is a snapshot also when a host array reaches the CuPy backend: the real
+    ``cupy.asnumpy`` (no device needed for this) returns a NumPy array itself."""
+    pytest.importorskip("cupy")
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    be = CupyBackend()
+    a = np.arange(4.0)
+    assert be.to_numpy(a) is a
+    kept = be.to_numpy(a, copy=True)
+    a += 1
+    np.testing.assert_array_equal(kept, np.arange(4.0))
+
+
+def language_model_step(backend, dtype, grad_method, layer_norm, seed=3, V=13, E=6, H=10, T=7, B=4):
+    """One training step's gradients of Embedding -> LSTM -> Dense -> cross-entropy, with
+    ids that repeat (a third of them one id), on ``backend``; host copies by name."""
+    from xlstm.layers import Dense, Embedding, Sequential
+    from xlstm.losses import cross_entropy
+
+    rng = np.random.default_rng(seed)
+    model = Sequential(Embedding(V, E, dtype=dtype, seed=seed, backend=backend, grad_method=grad_method),
+                       xlstm.LSTM(E, H, layer_norm=layer_norm, dtype=dtype, seed=seed, backend=backend),
+                       Dense(H, V, dtype=dtype, seed=seed, backend=backend))
+    ids = rng.integers(0, V, (T, B))
+    ids.flat[rng.permutation(T * B)[: T * B // 3]] = 2
+    targets = rng.integers(0, V, (T, B))
+    be = model.backend
+    logits = model.forward(be.asarray(ids))
+    loss, dlogits = cross_entropy(logits, be.asarray(targets))
+    model.backward(dlogits)
+    be.synchronize()
+    return loss, {k: be.to_numpy(g, copy=True) for k, g in model.grads.items()}
+
+
+class _NoAddAt:
+    """np.add, except that ``add.at`` (atomicAdd in CuPy: run-to-run different sums) fails."""
+
+    def __call__(self, *a, **kw):
+        return np.add(*a, **kw)
+
+    def at(self, *a, **kw):
+        raise AssertionError("xp.add.at on the training path: CuPy runs it with atomics (issue 9)")
+
+
+@pytest.mark.parametrize("grad_method", ["auto", "sort", "onehot"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_emulated_training_gradients_match_numpy_without_atomics(emulated, monkeypatch, grad_method, layer_norm):
+    """The language model's gradients through the CuPy backend equal the NumPy backend's, and
+    the embedding's scatter-add takes no ``add.at``; "auto" is the one-hot GEMM for a small
+    vocabulary (no argsort)."""
+    be, fake = emulated
+    monkeypatch.setattr(fake.module, "add", _NoAddAt(), raising=False)
+    if grad_method == "auto":
+        monkeypatch.setattr(fake.module, "argsort", lambda *a, **k: pytest.fail("auto sorted a small vocabulary"),
+                            raising=False)
+    loss, grads = language_model_step(be, "float64", grad_method, layer_norm)
+    ref_loss, ref = language_model_step("numpy", "float64", grad_method, layer_norm)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert grads.keys() == ref.keys()
+    for k in ref:
+        assert_close(f"grad {k}", grads[k], ref[k], "float64")
+
+
 # =============================================================================================
 # 3. On a GPU
 # =============================================================================================
@@ -845,3 +909,45 @@ def test_emulated_persistent_empty_sequence_launches_nothing(emulated):
     be.persistent_lstm_forward_sequence(g, hs, hs.copy(), np.zeros((H, 4 * H), np.float32), 1.0)
     be.persistent_lstm_backward_sequence(g, hs, g[..., :H], dh, dc, g.copy(), np.zeros((4 * H, H), np.float32))
     assert fake.launches == [] and (dh == 1).all() and (dc == 1).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_method", ["auto", "sort", "onehot"])
+@pytest.mark.parametrize("V,N", [(97, 4096), (5000, 4096)])
+def test_gpu_embedding_gradient_is_bitwise_repeatable(cupy_be, grad_method, V, N):
+    """The embedding gradient on the device: equal to np.add.at (float64 1e-12) and the same
+    bits on every repetition (the add.at it replaced is not: atomics)."""
+    from xlstm.layers import scatter_add_rows
+
+    cp = cupy_be.xp
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, V, N)
+    ids[: N // 4] = 1                                   # a long segment, as a space in text
+    ids = rng.permutation(ids)
+    rows = rng.standard_normal((N, 64))
+    ref = np.zeros((V, 64))
+    np.add.at(ref, ids, rows)
+    d_ids, d_rows = cp.asarray(ids), cp.asarray(rows.astype(np.float32))
+    first = None
+    for _ in range(5):
+        out = cp.zeros((V, 64), cp.float32)
+        scatter_add_rows(cp, out, d_ids, d_rows, grad_method)
+        got = cp.asnumpy(out)
+        if first is None:
+            first = got
+        assert np.array_equal(got, first), "float32 sums differ between identical calls"
+    out64 = cp.zeros((V, 64), cp.float64)
+    scatter_add_rows(cp, out64, d_ids, cp.asarray(rows), grad_method)
+    np.testing.assert_allclose(cp.asnumpy(out64), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_gpu_training_gradients_are_bitwise_repeatable(cupy_be, layer_norm):
+    """A whole language-model step on the device, three times: the same loss and gradient bits."""
+    runs = [language_model_step(cupy_be, "float32", "auto", layer_norm, V=97, E=32, H=64, T=32, B=16)
+            for _ in range(3)]
+    for loss, grads in runs[1:]:
+        assert loss == runs[0][0]
+        assert all(np.array_equal(grads[k], runs[0][1][k]) for k in grads), \
+            [k for k in grads if not np.array_equal(grads[k], runs[0][1][k])]

@@ -454,24 +454,28 @@ class CellRunner:
         self.x = backend.asarray(self.x_host)
         self.dy = backend.asarray(self.dy_host)
         self.tdevice = "cuda" if backend.name == "cupy" else "cpu"
-        if self.torch is not None and self.tdevice == "cuda" and not self.torch.cuda.is_available():
-            self.torch = None
-        if self.torch is not None:
-            tt = self.torch
-            if self.tdevice == "cuda":
-                # full float32 on both sides: cuDNN/cuBLAS would otherwise use TF32 tensor cores,
-                # which is a different precision (and fails the 2e-3 check at long T)
-                tt.backends.cudnn.allow_tf32 = False
-                tt.backends.cuda.matmul.allow_tf32 = False
-            tt.manual_seed(seed)
-            tdtype = getattr(tt, dtype)
-            self.tlstm = tt.nn.LSTM(D, H, num_layers=L).to(device=self.tdevice, dtype=tdtype)
-            self.lstm = interop.from_torch(self.tlstm, dtype=dtype, backend=backend)
-            self.tx = tt.from_numpy(self.x_host).to(self.tdevice).requires_grad_(True)
-            self.tdy = tt.from_numpy(self.dy_host).to(self.tdevice)
-        else:
+        if self.torch is None:
             self.lstm = xlstm.LSTM(D, H, num_layers=L, forget_bias=0.0, dtype=dtype, seed=seed,
                                    backend=backend)
+        else:
+            tt = self.torch
+            # the weights come from torch's CPU initialisation whether or not torch can run on
+            # this backend's device: every backend of a cell must get the same model, or the
+            # check of CuPy against NumPy compares two different networks
+            tt.manual_seed(seed)
+            tlstm = tt.nn.LSTM(D, H, num_layers=L).to(dtype=getattr(tt, dtype))
+            self.lstm = interop.from_torch(tlstm, dtype=dtype, backend=backend)
+            if self.tdevice == "cuda" and not tt.cuda.is_available():
+                self.torch = None               # nothing to time torch against on this device
+            else:
+                if self.tdevice == "cuda":
+                    # full float32 on both sides: cuDNN/cuBLAS would otherwise use TF32 tensor
+                    # cores, which is a different precision (and fails the 2e-3 check at long T)
+                    tt.backends.cudnn.allow_tf32 = False
+                    tt.backends.cuda.matmul.allow_tf32 = False
+                self.tlstm = tlstm.to(device=self.tdevice)
+                self.tx = tt.from_numpy(self.x_host).to(self.tdevice).requires_grad_(True)
+                self.tdy = tt.from_numpy(self.dy_host).to(self.tdevice)
         self.floor = GemmFloor(xp, T, B, D, H, L, np.dtype(dtype), seed=seed)
 
     # the timed functions: each ends with the device synchronised
@@ -509,14 +513,18 @@ class CellRunner:
 
     # -- correctness before timing --------------------------------------------------------
     def run_once(self):
-        """One forward+backward from zero grads; returns host (y, dx, grads)."""
+        """One forward+backward from zero grads; returns host copies (y, dx, grads).
+
+        Copies, because the timing runs that follow keep accumulating into ``lstm.grads``: on
+        NumPy a plain ``to_numpy`` would be that very buffer, and the CuPy cell compared against
+        it would see the sum of every timed step (issue 9)."""
         be = self.backend
         self.lstm.zero_grad()
         y, _ = self.lstm.forward(self.x)
         dx, _ = self.lstm.backward(self.dy)
         be.synchronize()
-        grads = {k: be.to_numpy(v) for k, v in self.lstm.grads.items()}
-        return be.to_numpy(y), be.to_numpy(dx), grads
+        grads = {k: be.to_numpy(v, copy=True) for k, v in self.lstm.grads.items()}
+        return be.to_numpy(y, copy=True), be.to_numpy(dx, copy=True), grads
 
     def check(self, other=None) -> float:
         """Max relative error against torch (or the float64 reference) and ``other`` (host results)."""
@@ -687,7 +695,7 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
-    if backend.name == "cupy":                       # before anything else: the capture, if any
+    if getattr(backend, "graphs", None) is not None:  # CuPy, before anything else: the capture, if any
         row.update(cupy_first_call(backend, runner.xlstm_step))
     row["check_max_rel_err"] = runner.check(other)   # also the first warm-up of both models
     t0 = time.perf_counter()

@@ -6,7 +6,9 @@ The corpus is cut into ``--batch`` streams read in windows of ``--seq-len`` toke
 state carried from window to window; Adam with global-norm clipping and a warm-up + cosine
 learning rate. Without ``--text`` it trains on the Python standard library's source (no
 download). Checkpoints (see ``xlstm/checkpoint.py``) hold everything a run depends on, so
-``--resume`` continues exactly: on the CPU the resumed losses equal an uninterrupted run's.
+``--resume`` continues exactly: the resumed losses equal an uninterrupted run's (tested on
+the CPU; on the GPU every gradient is summed in a fixed order, no atomics, and the gpu tests
+in tests/test_train.py check the same there).
 """
 from __future__ import annotations
 
@@ -387,8 +389,8 @@ def _state_arrays(model, opt, carry) -> dict:
             arrays[f"opt/{k}/{b}"] = v
     if carry is not None:
         be = model.backend
-        arrays["carry/h"] = np.array(be.to_numpy(carry[0]))
-        arrays["carry/c"] = np.array(be.to_numpy(carry[1]))
+        arrays["carry/h"] = be.to_numpy(carry[0], copy=True)
+        arrays["carry/c"] = be.to_numpy(carry[1], copy=True)
     return arrays
 
 

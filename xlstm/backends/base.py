@@ -63,8 +63,13 @@ class Backend:
         """``a`` as an array of this backend (copies across devices only when needed)."""
         raise NotImplementedError
 
-    def to_numpy(self, a):
-        """``a`` as a NumPy array on the host."""
+    def to_numpy(self, a, copy: bool = False):
+        """``a`` as a NumPy array on the host.
+
+        On the NumPy backend this is ``a`` itself (no copy) unless ``copy=True``: a caller that
+        keeps the result while the backend goes on writing into ``a`` (gradients accumulate in
+        place, buffers are reused) must ask for ``copy=True``. From a device it is always a copy.
+        """
         raise NotImplementedError
 
     def owns(self, a) -> bool:

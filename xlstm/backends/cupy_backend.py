@@ -138,8 +138,9 @@ class CupyBackend(Backend):
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 
-    def to_numpy(self, a):
-        return self.xp.asnumpy(a)
+    def to_numpy(self, a, copy: bool = False):
+        out = self.xp.asnumpy(a)          # from the device: a new host array
+        return np.array(out) if copy and out is a else out   # a host array given: itself
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
