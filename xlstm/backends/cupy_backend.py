@@ -70,6 +70,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def use_device(index: int) -> None:
+    """Make CUDA device ``index`` the current one (kernels and buffers are per device)."""
+    import cupy
+
+    cupy.cuda.Device(int(index)).use()
+
+
 class CupyBackend(Backend):
     """Fused CUDA kernels for the pointwise steps, cuBLAS for ``matmul_add``.
 
