@@ -98,6 +98,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise InputError(f"--nproc must be a positive integer, got {nproc!r}")
     _need_torch("--nproc")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -105,12 +106,17 @@ def launch(nproc: int, argv: list[str]) -> int:
            "-m", "xlstm", *strip_nproc(argv)]
     try:
         run(parse_args(cmd))
+    except SignalException as e:    # Ctrl-C reached torchrun too: it has passed it on to the workers and waited
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        code = failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
+        ec = failure.exitcode
+        code = ec if isinstance(ec, int) and ec > 0 else 1
         if code != 130:         # 130: interrupted and saved, the worker said so
-            print(f"xlstm train: error: process {rank} of {nproc} ended with exit code {failure.exitcode} "
-                  "(its message is above); torchrun stopped the others", file=sys.stderr)
+            how = (f"was killed by signal {signal.Signals(-ec).name}" if isinstance(ec, int) and ec < 0
+                   and -ec in signal.valid_signals() else f"ended with exit code {ec} (its message is above)")
+            print(f"xlstm train: error: process {rank} of {nproc} {how}; torchrun stopped the others",
+                  file=sys.stderr)
         return code
     return 0
 
