@@ -102,16 +102,6 @@ def assert_losses_close(a, b, rtol):
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=rtol, atol=0)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "value", "None", "if", "else", "for", "in", "x", "y"]
-    lines = [" ".join(rng.choice(words, 6)) + ":" for _ in range(120)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
 # -- no torch, and pieces that need no second process ------------------------------------------
 def test_single_process_training_does_not_import_torch(corpus, tmp_path):
     code = ("import sys; from xlstm.cli import main; "
