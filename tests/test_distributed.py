@@ -174,6 +174,28 @@ def test_nproc_without_torch_says_what_to_install(monkeypatch):
         distributed.launch(2, ["train"])
 
 
+def test_bad_dist_timeout(capsys, corpus, tmp_path):
+    from xlstm.cli import main
+    assert main(["train", "--text", corpus, "--dist-timeout", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--dist-timeout" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    from xlstm.backends import cupy_backend
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 2)
+    with pytest.raises(InputError, match="process 2 on this machine has no GPU of its own: the machine has 2"):
+        cupy_backend.use_device(2)
+
+
+@needs_gloo
+def test_env_without_a_rendezvous_address_says_how_to_start(corpus, tmp_path):
+    env = {k: v for k, v in _env(RANK="0", WORLD_SIZE="1").items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "xlstm", "train", "--text", corpus, "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "MASTER_ADDR" in r.stderr and "torchrun" in r.stderr and "Traceback" not in r.stderr
+
+
 # -- 2 processes (gloo) --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):

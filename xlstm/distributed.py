@@ -122,11 +122,18 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 # -- process groups ------------------------------------------------------------------------------
-def setup(backend, timeout_s: float):
-    """The process group of this run: ``Single()`` unless torchrun started this process."""
+def setup(backend_name, timeout_s: float):
+    """(backend, process group) of this run: ``Single()`` unless torchrun started this process."""
+    from . import backends
+
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
     if not launched():
-        return Single()
-    return TorchGroup(backend, timeout_s)
+        return backends.resolve(backend_name), Single()
+    if (backend_name or os.environ.get("XLSTM_BACKEND") or "auto") != "numpy":
+        backends.use_cuda_device(int(os.environ.get("LOCAL_RANK", "0")))    # before the backend probes a GPU
+    backend = backends.resolve(backend_name)
+    return backend, TorchGroup(backend, timeout_s)
 
 
 def shard(n: int, rank: int, world: int) -> slice:
@@ -216,23 +223,23 @@ class TorchGroup:
     """This process's place in a torch.distributed job: gloo for NumPy arrays, NCCL for CuPy ones."""
 
     def __init__(self, backend, timeout_s: float):
-        if not (timeout_s > 0):
-            raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
         torch, dist = _need_torch("a distributed run (torchrun)")
         self.torch, self.dist, self.timeout_s = torch, dist, float(timeout_s)
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.cuda = backend.name == "cupy"
         self.name = "nccl" if self.cuda else "gloo"
         kw = {}
-        if self.cuda:      # one GPU per process: the local rank's
-            from . import backends
-            backends.use_cuda_device(self.local_rank)
+        if self.cuda:      # one GPU per process: the local rank's (CuPy's was chosen in setup)
             torch.cuda.set_device(self.local_rank)
             kw["device_id"] = torch.device("cuda", self.local_rank)
         self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
         self.backend = backend
-        self._call("joining the other processes (init_process_group)", dist.init_process_group,
-                   backend=self.name, timeout=datetime.timedelta(seconds=self.timeout_s), **kw)
+        try:
+            self._call("joining the other processes (init_process_group)", dist.init_process_group,
+                       backend=self.name, timeout=datetime.timedelta(seconds=self.timeout_s), **kw)
+        except ValueError as e:     # env:// without MASTER_ADDR/MASTER_PORT
+            raise InputError(f"cannot join the distributed run: {e}; start it with torchrun or "
+                             "xlstm train --nproc N") from None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
         self._flats, self._tensors = [], []

@@ -415,8 +415,8 @@ def run(args) -> int:
             raise InputError("--nproc starts the processes itself; under torchrun drop --nproc")
         return distributed.launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
     t_start = time.time()
-    backend = backends.resolve(args.backend)      # an unusable --backend cupy stops here, with the reason
-    group = distributed.setup(backend, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+    # an unusable --backend cupy stops here, with the reason; under torchrun each process takes its own GPU
+    backend, group = distributed.setup(args.backend, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
     group.run_dir = None
     try:
         return _run(args, t_start, backend, group)

@@ -49,7 +49,8 @@ def cupy_unavailable_reason() -> str | None:
 
 
 def use_cuda_device(index: int) -> None:
-    """Make CUDA device ``index`` current for CuPy in this process (one GPU per data-parallel rank)."""
+    """Make CUDA device ``index`` current for CuPy in this process (one GPU per data-parallel rank);
+    call it before anything touches a GPU, or device 0 gets a context in every process."""
     from . import cupy_backend
 
     cupy_backend.use_device(index)
