@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from xlstm import checkpoint, distributed
-from xlstm.errors import InputError
+from xlstm.errors import InputError, StateError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--eval-every", "5",
@@ -143,7 +143,8 @@ def test_flat_gradient_buffer_keeps_backward_and_zero_grad_working():
     ref, flat = build_model(cfg, 7, "numpy"), build_model(cfg, 7, "numpy")
     want = grads(ref)
     flat.grads["0.E"][...] = 1.0        # the buffer starts from the current gradients
-    (buf,) = distributed.flatten_grads(flat)
+    flat_grads = distributed.FlatGrads(flat)
+    (buf,) = flat_grads.buffers
     assert buf.size == sum(v.size for v in want.values()) and np.all(buf[:flat.grads["0.E"].size] == 1.0)
     got = grads(flat)
     for k in want:
@@ -153,6 +154,10 @@ def test_flat_gradient_buffer_keeps_backward_and_zero_grad_working():
     assert float(np.abs(buf).sum()) == pytest.approx(buf_sum)       # the buffer is what backward wrote
     flat.zero_grad()
     assert not buf.any()
+    flat_grads.check()
+    flat[2].grads["b"] = np.zeros_like(flat[2].grads["b"])     # a backward that replaced its array
+    with pytest.raises(StateError, match=r"Dense.grads\['b'\].*in place"):
+        flat_grads.check()
 
 
 def test_parameter_digest_check_catches_a_difference():

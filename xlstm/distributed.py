@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from .errors import InputError, XlstmError
+from .errors import InputError, StateError, XlstmError
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -161,29 +161,37 @@ def check_same(digests: list[str], step: int) -> None:
                                "data-parallel training must keep them bitwise identical; please report this")
 
 
-def flatten_grads(model) -> list:
-    """Make every gradient a view of one flat buffer per dtype (model order); return the buffers.
+class FlatGrads:
+    """Every gradient of a model made a view of one flat buffer per dtype (model order).
 
     Backward accumulates into ``grads`` in place (``+=``, ``matmul_add``, ``add.at``), so the
     views stay the arrays it writes, and one all-reduce per buffer covers every parameter.
     """
-    modules = list(model.modules) if hasattr(model, "modules") else [model]
-    xp = model.backend.xp
-    groups: dict = {}
-    for m in modules:
-        for k, g in m.grads.items():
-            groups.setdefault(g.dtype.str, []).append((m, k, g))
-    flats = []
-    for items in groups.values():
-        flat = xp.zeros(sum(int(g.size) for _, _, g in items), dtype=items[0][2].dtype)
-        off = 0
-        for m, k, g in items:
-            view = flat[off:off + g.size].reshape(g.shape)
-            view[...] = g
-            m.grads[k] = view
-            off += g.size
-        flats.append(flat)
-    return flats
+
+    def __init__(self, model):
+        modules = list(model.modules) if hasattr(model, "modules") else [model]
+        groups: dict = {}
+        for m in modules:
+            for k, g in m.grads.items():
+                groups.setdefault(g.dtype.str, []).append((m, k, g))
+        self.buffers, self._views = [], []
+        for items in groups.values():
+            flat = model.backend.xp.zeros(sum(int(g.size) for _, _, g in items), dtype=items[0][2].dtype)
+            off = 0
+            for m, k, g in items:
+                view = flat[off:off + g.size].reshape(g.shape)
+                view[...] = g            # start from the current gradients
+                m.grads[k] = view
+                self._views.append((m, k, view))
+                off += g.size
+            self.buffers.append(flat)
+
+    def check(self) -> None:
+        """Raise when a module replaced a gradient array: the all-reduce would miss its gradient."""
+        for m, k, view in self._views:
+            if m.grads.get(k) is not view:
+                raise StateError(f"{type(m).__name__}.grads[{k!r}] is no longer the array it was: data-parallel "
+                                 "training needs backward to accumulate into the gradients in place")
 
 
 class Single:
@@ -242,7 +250,7 @@ class TorchGroup:
                              "xlstm train --nproc N") from None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
-        self._flats, self._tensors = [], []
+        self._flat, self._tensors = None, []
         # torchrun stops the other workers with SIGTERM when one fails: say so instead of vanishing
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -269,18 +277,19 @@ class TorchGroup:
 
     def attach(self, model) -> None:
         """Point the model's gradients at flat buffers and wrap them as tensors once."""
-        self._flats = flatten_grads(model)
-        self._tensors = [self._tensor(f) for f in self._flats]
+        self._flat = FlatGrads(model)
+        self._tensors = [self._tensor(f) for f in self._flat.buffers]
 
     def allreduce_grads(self) -> None:
         """grads = (sum over ranks of grads) / W, in place, one all-reduce per flat buffer."""
+        self._flat.check()
         if self.cuda:
             self.backend.synchronize()      # CuPy's stream may differ from torch's: gradients must be complete
         for t in self._tensors:
             self._call("the gradient all-reduce", self.dist.all_reduce, t)
         if self.cuda:
             self.torch.cuda.current_stream().synchronize()
-        for f in self._flats:
+        for f in self._flat.buffers:
             f /= self.world
 
     def sum(self, values):
