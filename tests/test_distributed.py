@@ -291,6 +291,43 @@ def test_killing_one_process_stops_the_run_with_a_message(corpus, tmp_path):
     xlstm("train", "--resume", run, "--steps", meta["step"] + 2, check=0)    # and it continues
 
 
+def _children(pid):
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def _rank_of(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    except OSError:
+        return None
+    return env.get(b"RANK", b"").decode() or None
+
+
+@needs_gloo
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the worker processes through Linux's /proc")
+def test_killing_a_worker_under_torchrun_ends_the_launcher_with_a_message(corpus, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "100000",
+                          "--save-every", "5", "--out", str(run), "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert _wait_for(lambda: len(checkpoint.list_checkpoints(str(run))) >= 1)
+        ranks = {_rank_of(c): c for c in _children(p.pid)}
+        os.kill(ranks["1"], signal.SIGKILL)
+        out, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode == 1, out + err
+    assert "process 1 of 2 was killed by signal SIGKILL; torchrun stopped the others" in err
+    assert "Traceback" not in err
+    checkpoint.load_latest(str(run))
+
+
 @needs_gloo
 def test_a_hung_process_times_out(corpus, tmp_path):
     run = tmp_path / "run"
