@@ -173,6 +173,12 @@ def test_parameter_digest_check_catches_a_difference():
         distributed.check_same([d0, d1], step=3)
 
 
+def test_nproc_must_be_positive():
+    for bad in (0, -2):
+        with pytest.raises(InputError, match="--nproc must be a positive integer"):
+            distributed.launch(bad, ["train"])
+
+
 def test_nproc_without_torch_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)         # `import torch` now fails as if not installed
     with pytest.raises(InputError, match=r"xlstm\[distributed\]"):
