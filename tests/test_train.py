@@ -17,16 +17,6 @@ TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--
         "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "value", "None", "if", "else", "for", "in", "x", "y"]
-    lines = [" ".join(rng.choice(words, 6)) + ":" for _ in range(120)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
 def xlstm(*argv, check=None, **kw):
     env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "xlstm", *map(str, argv)], capture_output=True, text=True,

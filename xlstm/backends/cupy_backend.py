@@ -103,6 +103,22 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def use_device(index: int) -> None:
+    """Make CUDA device ``index`` the current one (kernels and buffers are per device).
+
+    Nothing happens where cupy or a device is missing: resolving the backend reports that.
+    """
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return
+    if index >= n:
+        raise InputError(f"process {index} on this machine has no GPU of its own: the machine has {n}; "
+                         f"start at most {n} processes per machine (--nproc / torchrun --nproc-per-node)")
+    cupy.cuda.Device(int(index)).use()
+
+
 class CupyBackend(Backend):
     """Fused CUDA kernels for the pointwise steps, cuBLAS for ``matmul_add``.
 
