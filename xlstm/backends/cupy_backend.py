@@ -125,7 +125,8 @@ class CupyBackend(Backend):
         self._sm_count: dict = {}     # device id -> number of SMs
         self._scratch: dict = {}      # (key, shape, dtype) -> cupy array, reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
-        #                               (cupy passes None as 0xffffffff, not NULL: cupy#9046)
+        #                               on every cupy (cupy < 14 passed None as garbage, cupy#9046;
+        #                               14.x passes it as 0: cupy/cuda/function.pyx _pointer)
         self.cuda_graphs = graphs_env_default()   # the switch; False runs the eager loop
         self.graphs = cuda_graphs.GraphCache(maxsize=16)
         self._gemms: dict = {}        # device id -> CublasGemm, or None where nvmath is missing
@@ -202,9 +203,10 @@ class CupyBackend(Backend):
     def _launch_persistent(self, name, dt, args, T, B, H, plan=None):
         """One cooperative launch of ``name`` with ``args`` + (barrier, T, B, H, KS).
 
-        Checks co-residency first: CuPy shrinks a cooperative grid larger than the device
-        holds without a word, and the kernel's grid barrier would then wait for blocks that do
-        not exist. ``plan`` defaults to ``persistent_plan(B, H, dt)``.
+        Checks co-residency first: CuPy shrinks a 1-D cooperative grid larger than the device
+        holds to what fits, with only a warning (cupy 14 cupy/cuda/function.pyx ``_launch``),
+        and the kernel's grid barrier would then wait for blocks that do not exist (and trap
+        after 10 s). ``plan`` defaults to ``persistent_plan(B, H, dt)``.
         """
         plan = self.persistent_plan(B, H, dt) if plan is None else plan
         smem = plan.smem_backward if "backward" in name else plan.smem_forward
