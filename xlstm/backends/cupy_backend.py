@@ -160,7 +160,9 @@ class CupyBackend(Backend):
         if k is None:
             mod = self._modules.get(dev)
             if mod is None:
-                # no -use_fast_math: tanh must stay the accurate one (the tests' tolerances)
+                # no -use_fast_math: tanh must stay the accurate one (the tests' tolerances).
+                # cupy itself appends -ftz=true (float32 denormals flush to zero on the GPU)
+                # and -arch=sm_XX of the device (tests/test_kernels_compile.py compiles so)
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
             k = self._kernels[key] = mod.get_function(key[1])
         return k
