@@ -57,20 +57,25 @@ def _nvcc():
     return nvcc, None
 
 
-def compile_nvrtc(nvrtc, arch: str, source: str = MAIN_SOURCE) -> str:
-    src = kernel_source(source)
-    prog = nvrtc.createProgram(src, source, (), ())
+def nvrtc_build(nvrtc, source: str, options: tuple, get):
+    """NVRTC on the inlined ``source`` with ``options``; ``get(prog)`` of the result (getPTX or
+    getCUBIN). Fails on an error or a warning."""
+    prog = nvrtc.createProgram(kernel_source(source), source, (), ())
     try:
         try:
-            nvrtc.compileProgram(prog, OPTIONS + (f"-arch=compute_{arch}",))
+            nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError:
-            pytest.fail(f"NVRTC failed for compute_{arch}:\n{nvrtc.getProgramLog(prog)}")
-        ptx = nvrtc.getPTX(prog)
-        log = nvrtc.getProgramLog(prog)
+            pytest.fail(f"NVRTC failed with {options}:\n{nvrtc.getProgramLog(prog)}")
+        out, log = get(prog), nvrtc.getProgramLog(prog)
     finally:
         nvrtc.destroyProgram(prog)
+    assert "warning" not in (log or "").lower(), f"NVRTC warnings with {options}:\n{log}"
+    return out
+
+
+def compile_nvrtc(nvrtc, arch: str, source: str = MAIN_SOURCE) -> str:
+    ptx = nvrtc_build(nvrtc, source, OPTIONS + (f"-arch=compute_{arch}",), nvrtc.getPTX)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert "warning" not in (log or "").lower(), f"NVRTC warnings for compute_{arch}:\n{log}"
     return ptx.rstrip("\x00")
 
 
@@ -161,19 +166,9 @@ def test_nvrtc_cubin_with_cupys_options(arch, source):
     nvrtc, why = _nvrtc()
     if nvrtc is None:
         pytest.skip(why)
-    prog = nvrtc.createProgram(kernel_source(source), source, (), ())
     options = OPTIONS + CUPY_APPENDS + (f"-arch=sm_{arch}",) + CUPY_APPENDS_AFTER_ARCH
-    try:
-        try:
-            nvrtc.compileProgram(prog, options)
-        except nvrtc.NVRTCError:
-            pytest.fail(f"NVRTC failed with {options}:\n{nvrtc.getProgramLog(prog)}")
-        cubin = nvrtc.getCUBIN(prog)
-        log = nvrtc.getProgramLog(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
+    cubin = nvrtc_build(nvrtc, source, options, nvrtc.getCUBIN)
     assert cubin[:4] == b"\x7fELF", "NVRTC gave no cubin"
-    assert "warning" not in (log or "").lower(), f"NVRTC warnings with {options}:\n{log}"
 
 
 def test_at_least_one_compiler():
