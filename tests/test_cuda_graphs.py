@@ -148,6 +148,20 @@ def test_lru_cache_is_bounded(graphed):
     assert be.graphs.captures == 4 and be.graphs.replays == 1
 
 
+def test_each_device_gets_its_own_graph(graphed, monkeypatch):
+    # a graph's buffers and kernels live on the device current at capture: the same shape on
+    # another device must be captured there, not replayed from the first device's graph
+    be, fake = graphed
+    m = xlstm.LSTM(3, 4, backend=be, seed=0, dtype="float64")
+    x = np.ones((3, 2, 3))
+    m.forward(x)
+    assert be.graphs.captures == 1
+    monkeypatch.setattr(fake.module.cuda.runtime, "getDevice", lambda: 1)
+    m.forward(x)
+    assert be.graphs.captures == 2 and be.graphs.replays == 0
+    assert sorted(k[-1] for k in be.graphs.keys()) == [("device", 0), ("device", 1)]
+
+
 def test_opt_out_by_environment_and_attribute(host_lib, monkeypatch, graphed):
     from xlstm.backends.cupy_backend import CupyBackend
 

@@ -95,10 +95,15 @@ class _HostKernel:
 
     def __init__(self, fake, name, params, cooperative=False):
         self.fake, self.name, self.params, self.cooperative = fake, name, params, cooperative
-        self.kernel = types.SimpleNamespace(ptr=id(self))      # the CUfunction handle's stand-in
-        self.max_dynamic_shared_size_bytes = 0
+        # RawKernel.kernel is a cupy.cuda.function.Function; its .ptr is the CUfunction handle
+        # (what cupy's driver.occupancyMaxActiveBlocksPerMultiprocessor and funcSetAttribute take)
+        self.kernel = types.SimpleNamespace(ptr=id(self))
+        self.max_dynamic_shared_size_bytes = 0   # a settable property on RawKernel
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
+        # RawKernel.__call__(grid, block, args, **kwargs) passes its own enable_cooperative_groups
+        # to Function.__call__(tuple grid, tuple block, args, size_t shared_mem=0, stream=None,
+        # enable_cooperative_groups=False): passing that kwarg again would be a TypeError
         assert not kwargs, f"{self.name}: unexpected launch options {kwargs}"
         assert isinstance(grid, tuple) and isinstance(block, tuple), "grid and block must be tuples"
         persistent = kernels_host_lib.takes_launch(self.name)
@@ -142,9 +147,15 @@ class _HostKernel:
 
 
 class _HostModule:
-    """A RawModule stand-in: the kernels of the source it is given, run on the host."""
+    """A RawModule stand-in: the kernels of the source it is given, run on the host.
 
-    def __init__(self, fake, code, options=(), enable_cooperative_groups=False):
+    As cupy 14's ``RawModule.__init__(self, *, str code=None, ..., tuple options=(), ...,
+    bint enable_cooperative_groups=False, ...)``: keyword-only, ``options`` a tuple (a list is
+    a TypeError there)."""
+
+    def __init__(self, fake, *, code, options=(), enable_cooperative_groups=False):
+        if not isinstance(options, tuple):
+            raise TypeError(f"Argument 'options' has incorrect type (expected tuple, got {type(options).__name__})")
         assert "-use_fast_math" not in options and "--use_fast_math" not in options
         self.fake, self.sigs = fake, kernels_host_lib.kernel_signatures(code)
         self.cooperative = enable_cooperative_groups
@@ -171,7 +182,8 @@ class _FakeStream:
         self.fake.current = self._prev
 
     def begin_capture(self, mode=None):
-        assert self.ptr != 0, "the legacy default stream cannot be captured"
+        if self.ptr in (0, 1):             # as cupy's _BaseStream.begin_capture
+            raise RuntimeError("cannot capture on the default (legacy) stream")
         assert self.fake.capturing is None and self.ops is None, "nested capture"
         self.ops, self.fake.capturing = [], self
 
@@ -205,7 +217,10 @@ class _FakeGraph:
         pass
 
 
-# what allocates device memory in cupy: refused during capture, as a graph must not own it
+# what allocates device memory in cupy. Refused during capture by the stand-in only: cupy 14
+# captures in cudaStreamCaptureModeRelaxed, where its pool may allocate (cudaMalloc) without
+# error. The refusal enforces the project's own rule: memory that the pool could hand out
+# again once Python drops it must not be baked into a graph.
 _ALLOCATORS = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like",
                "array", "ascontiguousarray", "copy")
 
@@ -244,7 +259,7 @@ def make_fake_cupy(lib):
     mod = FakeCupy("cupy")
     mod.ndarray = np.ndarray
     mod.asnumpy = np.array                    # a host copy, as cupy.asnumpy from a device
-    mod.RawModule = lambda code, options=(), **kw: _HostModule(fake, code, options, **kw)
+    mod.RawModule = lambda **kw: _HostModule(fake, **kw)    # keyword-only, as cupy's
     mod.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0,
                                       getDeviceProperties=lambda i: {"name": fake.name.encode()}),
@@ -253,8 +268,9 @@ def make_fake_cupy(lib):
         Device=lambda i=0: types.SimpleNamespace(attributes={
             "MultiProcessorCount": fake.sms, "MaxSharedMemoryPerBlockOptin": 232448,
             "MaxSharedMemoryPerMultiprocessor": 233472}),
-        get_current_stream=lambda: fake.current,
-        Stream=lambda non_blocking=False: _FakeStream(fake, max(fake.streams) + 1))
+        get_current_stream=lambda device_id=-1: fake.current,
+        Stream=lambda null=False, non_blocking=False, ptds=False, priority=None:
+            fake.streams[0] if null else _FakeStream(fake, max(max(fake.streams) + 1, 0x100)))
 
     def gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
         # cupy.cublas.gemm's contract: out = alpha op(a) @ op(b) + beta out, operands C- or
@@ -299,25 +315,28 @@ def make_fake_nvmath(fake):
         handles[h] = dict(stream=0, workspace=None, pointer_mode=0)
         return h
 
-    def set_stream(h, s):
-        assert s in fake.streams, f"set_stream: {s} is not a stream"
-        handles[h].update(stream=s, workspace=None)     # cublasSetStream resets the workspace
+    # parameter names and order as nvmath-python 1.0's (tests/test_real_api.py compares them)
+    def set_stream(handle, stream_id):
+        assert stream_id in fake.streams, f"set_stream: {stream_id} is not a stream"
+        handles[handle].update(stream=stream_id, workspace=None)   # cublasSetStream resets the workspace
 
-    def set_workspace(h, ptr, nbytes):
-        assert ptr and nbytes > 0
-        handles[h]["workspace"] = (ptr, nbytes)
+    def set_workspace(handle, workspace, workspace_size_in_bytes):
+        assert workspace and workspace_size_in_bytes > 0
+        # (cuBLAS also needs it 256-byte aligned: cupy's pool gives 512; the stand-in's NumPy
+        # buffer is not, so that is not checked here)
+        handles[handle]["workspace"] = (workspace, workspace_size_in_bytes)
 
-    def set_pointer_mode(h, mode):
-        handles[h]["pointer_mode"] = int(mode)
+    def set_pointer_mode(handle, mode):
+        handles[handle]["pointer_mode"] = int(mode)
 
-    def destroy(h):
-        handles.pop(h)
+    def destroy(handle):
+        handles.pop(handle)
 
     def make_gemm(dtype):
         ctype = np.ctypeslib.as_ctypes_type(np.dtype(dtype))
 
-        def g(h, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-            st = handles[h]
+        def g(handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            st = handles[handle]
             assert st["pointer_mode"] == 0, "alpha/beta are host pointers"
             stream = fake.streams[st["stream"]]
             if fake.capturing is not None:

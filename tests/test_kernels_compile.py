@@ -6,6 +6,8 @@ must run in CI; see ``test_at_least_one_compiler``):
 * NVRTC through cupy's bindings (``cupy_backends.cuda.libs.nvrtc``), from the same inlined
   source that ``CupyBackend`` hands to ``cupy.RawModule`` at run time. Needs cupy and the
   NVRTC library (pip: ``cupy-cuda13x`` and ``nvidia-cuda-nvrtc``), no driver or device.
+  NVRTC also links each source to a cubin with the options cupy 14 itself appends
+  (``-ftz=true``, ``-arch=sm_XX``, ``--device-as-default-execution-space``).
 * ``nvcc -ptx`` on the source files as they lie in the package (``-I`` to the kernel folder).
 
 Every source of ``xlstm.kernels.SOURCES`` (the per-step kernels and the persistent ones) is
@@ -55,20 +57,25 @@ def _nvcc():
     return nvcc, None
 
 
-def compile_nvrtc(nvrtc, arch: str, source: str = MAIN_SOURCE) -> str:
-    src = kernel_source(source)
-    prog = nvrtc.createProgram(src, source, (), ())
+def nvrtc_build(nvrtc, source: str, options: tuple, get):
+    """NVRTC on the inlined ``source`` with ``options``; ``get(prog)`` of the result (getPTX or
+    getCUBIN). Fails on an error or a warning."""
+    prog = nvrtc.createProgram(kernel_source(source), source, (), ())
     try:
         try:
-            nvrtc.compileProgram(prog, OPTIONS + (f"-arch=compute_{arch}",))
+            nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError:
-            pytest.fail(f"NVRTC failed for compute_{arch}:\n{nvrtc.getProgramLog(prog)}")
-        ptx = nvrtc.getPTX(prog)
-        log = nvrtc.getProgramLog(prog)
+            pytest.fail(f"NVRTC failed with {options}:\n{nvrtc.getProgramLog(prog)}")
+        out, log = get(prog), nvrtc.getProgramLog(prog)
     finally:
         nvrtc.destroyProgram(prog)
+    assert "warning" not in (log or "").lower(), f"NVRTC warnings with {options}:\n{log}"
+    return out
+
+
+def compile_nvrtc(nvrtc, arch: str, source: str = MAIN_SOURCE) -> str:
+    ptx = nvrtc_build(nvrtc, source, OPTIONS + (f"-arch=compute_{arch}",), nvrtc.getPTX)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert "warning" not in (log or "").lower(), f"NVRTC warnings for compute_{arch}:\n{log}"
     return ptx.rstrip("\x00")
 
 
@@ -142,6 +149,26 @@ def test_nvcc_cubin_resources(arch, source, tmp_path):
     for k, v in info.items():
         assert v.get("spill", 0) == 0, f"{k} sm_{arch}: {v['spill']} bytes of register spills"
         assert v["regs"] * nt <= 65536, f"{k} sm_{arch}: {v['regs']} registers do not fit {nt} threads"
+
+
+# What cupy 14 appends to RawModule's options when it compiles for a device: -ftz=true
+# (cupy/cuda/compiler.py, _compile_with_cache_cuda), then the architecture as -arch=sm_XX, a
+# cubin, where NVRTC knows the device's architecture (_get_arch_for_options_for_nvrtc), and
+# --device-as-default-execution-space (_compile_using_nvrtc_no_warning).
+CUPY_APPENDS = ("-ftz=true",)
+CUPY_APPENDS_AFTER_ARCH = ("--device-as-default-execution-space",)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_cubin_with_cupys_options(arch, source):
+    """The exact NVRTC call cupy makes on an sm_80 / sm_90 device links to a cubin, quietly."""
+    nvrtc, why = _nvrtc()
+    if nvrtc is None:
+        pytest.skip(why)
+    options = OPTIONS + CUPY_APPENDS + (f"-arch=sm_{arch}",) + CUPY_APPENDS_AFTER_ARCH
+    cubin = nvrtc_build(nvrtc, source, options, nvrtc.getCUBIN)
+    assert cubin[:4] == b"\x7fELF", "NVRTC gave no cubin"
 
 
 def test_at_least_one_compiler():

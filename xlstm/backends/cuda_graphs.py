@@ -5,8 +5,9 @@ kernel) inside CUDA stream capture; the captured graph is launched for that call
 for every later call of the key. Per call the host then issues a handful of copies and one
 graph launch instead of 2T Python-side launches.
 
-Key: (op, dtype, every array argument's shape or None, every scalar argument's value), so
-T, B, H, which masks are present, forget_bias and eps all select the graph.
+Key: (op, dtype, every array argument's shape or None, every scalar argument's value, the
+current device), so T, B, H, which masks are present, forget_bias, eps and the GPU all select
+the graph.
 
 Buffers: a graph owns every array it touches (allocated once, at capture; the graph has their
 addresses baked in). Per call the arrays the op reads are copied into those buffers before the
@@ -102,7 +103,8 @@ class GraphCache:
 
     def run(self, be, op: str, fn, args: dict) -> None:
         """``fn(be, **args)`` (the eager loop) served by a graph: capture on a key's first call."""
-        key = self.key(op, args)
+        # a graph, its buffers and its kernels belong to the device current at capture
+        key = self.key(op, args) + (("device", be.xp.cuda.runtime.getDevice()),)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._capture(be, op, fn, args)

@@ -141,7 +141,8 @@ class CupyBackend(Backend):
         self._sm_count: dict = {}     # device id -> number of SMs
         self._scratch: dict = {}      # (key, shape, dtype) -> cupy array, reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
-        #                               (cupy passes None as 0xffffffff, not NULL: cupy#9046)
+        #                               on every cupy (cupy < 14 passed None as garbage, cupy#9046;
+        #                               14.x passes it as 0: cupy/cuda/function.pyx _pointer)
         self.cuda_graphs = graphs_env_default()   # the switch; False runs the eager loop
         self.graphs = cuda_graphs.GraphCache(maxsize=16)
         self._gemms: dict = {}        # device id -> CublasGemm, or None where nvmath is missing
@@ -175,7 +176,9 @@ class CupyBackend(Backend):
         if k is None:
             mod = self._modules.get(dev)
             if mod is None:
-                # no -use_fast_math: tanh must stay the accurate one (the tests' tolerances)
+                # no -use_fast_math: tanh must stay the accurate one (the tests' tolerances).
+                # cupy itself appends -ftz=true (float32 denormals flush to zero on the GPU)
+                # and -arch=sm_XX of the device (tests/test_kernels_compile.py compiles so)
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
             k = self._kernels[key] = mod.get_function(key[1])
         return k
@@ -218,9 +221,10 @@ class CupyBackend(Backend):
     def _launch_persistent(self, name, dt, args, T, B, H, plan=None):
         """One cooperative launch of ``name`` with ``args`` + (barrier, T, B, H, KS).
 
-        Checks co-residency first: CuPy shrinks a cooperative grid larger than the device
-        holds without a word, and the kernel's grid barrier would then wait for blocks that do
-        not exist. ``plan`` defaults to ``persistent_plan(B, H, dt)``.
+        Checks co-residency first: CuPy shrinks a 1-D cooperative grid larger than the device
+        holds to what fits, with only a warning (cupy 14 cupy/cuda/function.pyx ``_launch``),
+        and the kernel's grid barrier would then wait for blocks that do not exist (and trap
+        after 10 s). ``plan`` defaults to ``persistent_plan(B, H, dt)``.
         """
         plan = self.persistent_plan(B, H, dt) if plan is None else plan
         smem = plan.smem_backward if "backward" in name else plan.smem_forward

@@ -14,7 +14,7 @@ thread per (group of ROW_BLOCK batch rows, unit, split) up to 512 threads, and t
 power-of-two K-split KS <= min(32, sqrt(H)) that the threads allow. It refuses (PersistentUnfit,
 with the numbers) when a block's shared memory exceeds what the device gives one block; the CuPy
 backend then also checks the driver's occupancy for the compiled
-kernel, because CuPy would silently shrink a cooperative grid that does not fit.
+kernel, because CuPy would shrink a cooperative grid that does not fit (with only a warning).
 
 Which of persistent or per-step kernels runs is ``choose(...)``: a crossover table by device,
 H and B, overridable per backend (``CupyBackend.persistent = "auto" | "on" | "off"``) and by the

@@ -25,7 +25,11 @@ namespace {
 //
 // A wait longer than BARRIER_TIMEOUT_NS means a block that never arrives (a grid that is not
 // co-resident, or a bug): the kernel traps, so the launch fails with an error instead of
-// hanging the process and the GPU. A step takes microseconds, so 10 s is never a real wait.
+// hanging the process and the GPU. A step takes microseconds, so 10 s is never a real wait
+// (a debugger stopped at a breakpoint inside the kernel would be one). A trap is a sticky
+// error ("unspecified launch failure"): the process's CUDA context is lost, and every later
+// CUDA call of the process fails too, so the process has to restart. %globaltimer is the
+// PTX special register of a 64-bit nanosecond clock (sm_30 and later).
 #define BARRIER_TIMEOUT_NS 10000000000ull
 
 __device__ __forceinline__ unsigned long long global_ns() {
