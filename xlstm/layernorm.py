@@ -154,12 +154,14 @@ def ln_forward_direction(lstm, p, gates, hs, cs, step_mask, zc, zh, gm):
     T, B, H4 = gates.shape
     U = lstm.params[p + "U"]
     gain, shift, c_gain, c_shift = _ln_params(lstm, p)
+    P = lstm.precision
+    U = be.gemm_operand(U, P)                            # rounded once per call (tf32/bf16)
     zhat = xp.empty_like(gates)
     rstd = xp.empty((T, B, 4), gates.dtype)
     chat = xp.empty((T, B, H4 // 4), gates.dtype)
     rstd_c = xp.empty((T, B), gates.dtype)
     for t in range(T):
-        be.matmul_add(hs[t], U, gates[t])                # recurrent GEMM
+        be.matmul_add(hs[t], U, gates[t], P)             # recurrent GEMM
         be.ln_lstm_forward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t], hs[t],
                                 cs[t + 1], hs[t + 1], gain, shift, c_gain, c_shift,
                                 lstm.forget_bias, lstm.layer_norm_eps,
@@ -174,7 +176,8 @@ def ln_backward_direction(lstm, p, cache, dy, dz, dh, dc, step_mask):
     as dh0, dc0 and accumulates the gain/shift gradients; the caller does dW, dU, dx."""
     be = lstm.backend
     T = dy.shape[0]
-    UT = lstm.params[p + "U"].T
+    P = cache["precision"]
+    UT = be.gemm_operand(lstm.params[p + "U"].T, P)     # rounded once per call (tf32/bf16)
     gain, _, c_gain, c_shift = _ln_params(lstm, p)
     G = lstm.grads
     dgain, dshift, dc_gain, dc_shift = G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"], G[p + "ln_c_shift"]
@@ -187,7 +190,7 @@ def ln_backward_direction(lstm, p, cache, dy, dz, dh, dc, step_mask):
                                  None if step_mask is None else step_mask[t],
                                  None if zc is None else zc[t], None if zh is None else zh[t],
                                  None if gm is None else gm[t])
-        be.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+        be.matmul_add(dz[t], UT, dh, P)                  # dh_next for step t-1
 
 
 # -- TensorFlow names ------------------------------------------------------------------------

@@ -58,13 +58,16 @@ class LSTM(Module):
             definition; evaluation uses the expectation).
         dtype: "float32" or "float64". seed: seeds initialisation and the dropout/zoneout masks.
         backend: "numpy", "cupy", "auto" or None (the current backend, see ``xlstm.set_backend``).
+        precision: "float32" (default, exact), "tf32" or "bf16": the GEMMs' operands are rounded
+            to that format and summed in float32; state, pointwise math and gradients stay
+            float32 (``xlstm/precision.py``). float32 models only. Emulated (slower) on NumPy.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bidirectional: bool = False, layer_norm: bool = False, forget_bias: float = 1.0,
                  dtype="float32", seed=None, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
-                 layer_norm_eps: float = 1e-12, backend=None):
-        super().__init__(dtype, backend)
+                 layer_norm_eps: float = 1e-12, backend=None, precision="float32"):
+        super().__init__(dtype, backend, precision)
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -110,7 +113,8 @@ class LSTM(Module):
     def __repr__(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k in ("num_layers", "bidirectional", "layer_norm")
                         if getattr(self, k) not in (1, False))
-        return (f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, "
+        prec = "" if self.precision == "float32" else f", precision={self.precision!r}"
+        return (f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}{prec}, "
                 f"backend={self.backend.name!r})")
 
     # -- input checks ---------------------------------------------------------------------
@@ -181,6 +185,8 @@ class LSTM(Module):
         instead of drawing new ones. Returns y [T,B,H*dirs] and (h_n, c_n) [layers*dirs,B,H].
         trace=True records every named intermediate into a new ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace or self.tracer is not None:
+            self._check_traceable()
         if trace:
             from .trace import traced_call
             return traced_call(self, "forward", x, state, lengths, masks)
@@ -219,6 +225,12 @@ class LSTM(Module):
 
     __call__ = forward
 
+    def _check_traceable(self):
+        if self.precision != "float32":
+            raise InputError(f"trace checks the fast path against the float32 reference cell, so it needs "
+                             f"precision='float32' (this LSTM has precision={self.precision!r}); set "
+                             "lstm.precision = 'float32' to trace")
+
     def _reverse(self, a, rev):
         """a [T,B,...] read backwards in time within each sequence's length."""
         if rev is None:
@@ -234,7 +246,8 @@ class LSTM(Module):
         zc, zh, gm = masks
         x2 = xp.ascontiguousarray(x).reshape(T * B, D)
         gates = xp.empty((T, B, 4 * H), self.dtype)
-        xp.matmul(x2, W, out=gates.reshape(T * B, 4 * H))       # input GEMM for all steps
+        P = self.precision
+        be.matmul(x2, W, out=gates.reshape(T * B, 4 * H), precision=P)   # input GEMM for all steps
         hs = xp.empty((T + 1, B, H), self.dtype)
         cs = xp.empty((T + 1, B, H), self.dtype)
         hs[0] = 0 if h0 is None else h0
@@ -245,15 +258,16 @@ class LSTM(Module):
         else:
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
+            U = be.gemm_operand(U, P)                           # rounded once per call (tf32/bf16)
             for t in range(T):
-                be.matmul_add(hs[t], U, gates[t])               # recurrent GEMM
+                be.matmul_add(hs[t], U, gates[t], P)            # recurrent GEMM
                 be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
                                      None if step_mask is None else step_mask[t],
                                      None if zc is None else zc[t], None if zh is None else zh[t],
                                      None if gm is None else gm[t])
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
-        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra)
+        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
 
     # -- backward -------------------------------------------------------------------------
     def backward(self, dy, dstate=None, trace=False):
@@ -264,6 +278,8 @@ class LSTM(Module):
         returns dx [T,B,D] and (dh0, dc0) [layers*dirs,B,H].
         trace=True adds the backward intermediates to ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace or self.tracer is not None:
+            self._check_traceable()
         if trace:
             from .trace import traced_call
             return traced_call(self, "backward", dy, dstate)
@@ -310,6 +326,7 @@ class LSTM(Module):
         W, U = self.params[p + "W"], self.params[p + "U"]
         gates, hs, cs, x2 = cache["gates"], cache["hs"], cache["cs"], cache["x2"]
         zc, zh, gm = cache["masks"]
+        P = cache["precision"]
         dz = xp.empty((T, B, 4 * H), self.dtype)
         dh = xp.zeros((B, H), self.dtype) if dh_n is None else dh_n.copy()
         dc = xp.zeros((B, H), self.dtype) if dc_n is None else dc_n.copy()
@@ -319,14 +336,14 @@ class LSTM(Module):
         else:
             # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
             # contiguous right operand than through the transposed view (1.2-1.5x measured here)
-            UT = xp.ascontiguousarray(U.T)
+            UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)
             # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
-            be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm)
+            be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0
             self.tracer.record_backward(self, k, d, cache, dy, dh_n, dc_n, dz, dh, dc)
         dz2 = dz.reshape(T * B, 4 * H)
-        be.matmul_add(x2.T, dz2, self.grads[p + "W"])          # weight gradients after the loop
-        be.matmul_add(hs[:-1].reshape(T * B, H).T, dz2, self.grads[p + "U"])
-        dx = (dz2 @ W.T).reshape(T, B, -1)
+        be.matmul_add(x2.T, dz2, self.grads[p + "W"], P)       # weight gradients after the loop
+        be.matmul_add(hs[:-1].reshape(T * B, H).T, dz2, self.grads[p + "U"], P)
+        dx = be.matmul(dz2, W.T, precision=P).reshape(T, B, -1)
         return dx, dh, dc

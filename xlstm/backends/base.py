@@ -88,14 +88,15 @@ class Backend:
         raise NotImplementedError
 
     def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
-                               mask=None, zc=None, zh=None, gmask=None) -> None:
+                               mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """BPTT of the pointwise steps and the recurrent GEMMs over all T steps, in place.
 
         gates [T,B,4H]: post-activation i, f, g, o of every step.  cs [T+1,B,H]: cell states
         (cs[0] the initial one).  dy [T,B,H]: gradient w.r.t. each step's output.
         dh [B,H]: in, dL/dh_T (dh_n); out, dL/dh_0 (dh0).  dc [B,H]: in, dc_n; out, dc0.
         dz [T,B,4H]: out, gradient w.r.t. the pre-activations of every step.
-        UT [4H,H]: U^T (contiguous).  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        UT [4H,H]: U^T (contiguous), or its ``gemm_operand`` in ``precision``.
+        mask [T,B] | None; zc, zh, gmask [T,B,H] | None.  precision: of the dz @ U^T products.
 
         This default is the per-step loop: one ``lstm_backward_step`` and one ``matmul_add``
         per step (on the GPU: one fused kernel and one GEMM). A backend may override it to move
@@ -106,7 +107,7 @@ class Backend:
                                     None if mask is None else mask[t],
                                     None if zc is None else zc[t], None if zh is None else zh[t],
                                     None if gmask is None else gmask[t])
-            self.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+            self.matmul_add(dz[t], UT, dh, precision)          # dh_next for step t-1
 
     # -- the LayerNorm LSTM step (TensorFlow LayerNormBasicLSTMCell) -------------------------
     # Layer norm of a vector v [N]: vhat = (v - mean(v)) * rstd, rstd = 1/sqrt(var(v) + eps)
@@ -163,7 +164,30 @@ class Backend:
         """
         raise NotImplementedError(f"backend {self.name!r} has no LayerNorm LSTM step (ln_lstm_backward_step)")
 
-    # -- GEMM helpers -----------------------------------------------------------------------
-    def matmul_add(self, a, b, out) -> None:
-        """out += a @ b (cuBLAS beta=1 on the GPU; a product into scratch plus an add on the CPU)."""
-        out += a @ b
+    # -- GEMMs (the only place precision modes act; see xlstm/precision.py) ---------------------
+    # a, b: 2-D arrays of this backend (views such as U.T allowed), or ``Rounded`` operands from
+    # ``gemm_operand``; out and every result are float32/float64 arrays; precision 'float32'
+    # (exact in the array dtype), 'tf32' or 'bf16' (operands rounded, float32 accumulation).
+    def gemm_operand(self, a, precision: str = "float32"):
+        """``a`` prepared once for many products in ``precision`` (a weight inside a time loop).
+
+        float32: ``a`` itself. Otherwise a ``xlstm.precision.Rounded`` that ``matmul`` and
+        ``matmul_add`` use without rounding it again.
+        """
+        if precision == "float32":
+            return a
+        raise NotImplementedError(f"backend {self.name!r} has no {precision} GEMM")
+
+    def matmul(self, a, b, out=None, precision: str = "float32"):
+        """a [M,K] @ b [K,N] (into out [M,N] when given; returned)."""
+        if precision == "float32":
+            return self.xp.matmul(a, b, out=out)
+        raise NotImplementedError(f"backend {self.name!r} has no {precision} GEMM")
+
+    def matmul_add(self, a, b, out, precision: str = "float32") -> None:
+        """out [M,N] += a [M,K] @ b [K,N] (cuBLAS beta=1 on the GPU; a product into scratch plus
+        an add on the CPU)."""
+        if precision == "float32":
+            out += a @ b
+            return
+        out += self.matmul(a, b, precision=precision)
