@@ -1,5 +1,7 @@
 """Input validation shared by every layer: rank, shape, dtype, backend, finiteness.
 
+``host_numpy`` turns foreign arrays (torch, cupy, lists) into NumPy for the weight importers.
+
 Each failure raises ``InputError`` (a ``ValueError``) naming the argument, what was expected
 and what came in, so no input is ever computed on silently wrong.
 """
@@ -12,6 +14,15 @@ from .errors import InputError
 
 def _is_cupy(a) -> bool:
     return type(a).__module__.startswith("cupy")
+
+
+def host_numpy(a) -> np.ndarray:
+    """``a`` as a NumPy array on the host: torch tensors (detached), cupy arrays, lists."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    elif _is_cupy(a):
+        a = a.get()
+    return np.asarray(a)
 
 
 def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,

@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "train": ("xlstm.train", "train a character/word language model (default corpus: Python's own source)"),
     "sample": ("xlstm.sample", "generate text from a checkpoint of `xlstm train`"),
     "export": ("xlstm.sample", "write a checkpoint's LSTM weights for another framework (--to torch)"),
-    "trace": ("xlstm.trace", "print every named forward value and BPTT gradient of a tiny example, per step"),
+    "trace": ("xlstm.trace_example", "print every named forward value and BPTT gradient of a tiny example, per step"),
     "bench": ("xlstm.bench", "time NumPy/CuPy against the GEMM floor and torch.nn.LSTM (table, JSON, CSV, PNG)"),
 }
 

@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import host_numpy as _np
 from .errors import InputError
 from .gates import TF_TO_OURS
+from .layernorm import tf_layer_norm_params
 from .lstm import LSTM
-
-
-def _np(a):
-    """A tensor/array as float NumPy (detached torch tensors, cupy arrays, lists)."""
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
-    elif type(a).__module__.startswith("cupy"):
-        a = a.get()
-    return np.asarray(a)
 
 
 def _torch_name(k: int, d: int) -> str:
@@ -133,7 +126,6 @@ def _from_tf_cells(cells, forget_bias, layer_norm, dtype, backend, who) -> LSTM:
             p = lstm.prefix(k, d)
             state[p + "W"], state[p + "U"] = W, U
             if layer_norm:
-                from .layernorm import tf_layer_norm_params
                 state.update(tf_layer_norm_params(ln, H, p))
             elif b is None:
                 raise InputError(f"{who}: a bias is required for each cell when layer_norm is None")

@@ -25,14 +25,15 @@ The LayerNorm LSTM step (no bias; own gain/shift per gate; the NORMALISED cell s
     c, h   = carry(cn, c_prev, zc), carry(h_new, h_prev, zh)   (mask / zoneout, see backends/base.py)
 
 Here: the readable reference (fresh arrays, seed names) in ``layer_norm_forward/backward`` and
-``ln_cell_forward/backward``; the layer's time loop ``ln_forward_direction`` /
-``ln_backward_direction``, which calls the backend's fused in-place ``ln_lstm_*_step`` ops;
-and ``tf_layer_norm_params`` for ``interop.from_tf``.
+``ln_cell_forward/backward``, and ``tf_layer_norm_params`` for ``interop.from_tf``. The
+layer's time loop is the backend's ``ln_lstm_forward_sequence`` / ``ln_lstm_backward_sequence``
+(``xlstm/backends/base.py``) over its fused in-place ``ln_lstm_*_step`` ops.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .checks import host_numpy as _np
 from .errors import InputError
 from .gates import sigmoid, split
 
@@ -137,62 +138,6 @@ def ln_cell_backward(fwd, c_prev, gain, c_gain, dy, dh_next, dc_next,
                 dgain=dgain.reshape(4 * H), dshift=dshift.reshape(4 * H), dc_gain=dc_gain, dc_shift=dc_shift)
 
 
-# -- the layer's time loop (called by LSTM._forward_direction / _backward_direction) ---------
-def _ln_params(lstm, p):
-    P = lstm.params
-    return P[p + "ln_gain"], P[p + "ln_shift"], P[p + "ln_c_gain"], P[p + "ln_c_shift"]
-
-
-def ln_forward_direction(lstm, p, gates, hs, cs, step_mask, zc, zh, gm):
-    """Forward of one layer and direction. gates [T,B,4H] holds x@W (no bias) on entry and the
-    post-activation gates on return; hs, cs [T+1,B,H] hold the initial state in [0].
-
-    Per step one recurrent GEMM and one fused LN step. Returns what backward needs:
-    dict(zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]), allocated once here.
-    """
-    xp, be = lstm.xp, lstm.backend
-    T, B, H4 = gates.shape
-    U = lstm.params[p + "U"]
-    gain, shift, c_gain, c_shift = _ln_params(lstm, p)
-    P = lstm.precision
-    U = be.gemm_operand(U, P)                            # rounded once per call (tf32/bf16)
-    zhat = xp.empty_like(gates)
-    rstd = xp.empty((T, B, 4), gates.dtype)
-    chat = xp.empty((T, B, H4 // 4), gates.dtype)
-    rstd_c = xp.empty((T, B), gates.dtype)
-    for t in range(T):
-        be.matmul_add(hs[t], U, gates[t], P)             # recurrent GEMM
-        be.ln_lstm_forward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t], hs[t],
-                                cs[t + 1], hs[t + 1], gain, shift, c_gain, c_shift,
-                                lstm.forget_bias, lstm.layer_norm_eps,
-                                None if step_mask is None else step_mask[t],
-                                None if zc is None else zc[t], None if zh is None else zh[t],
-                                None if gm is None else gm[t])
-    return dict(zhat=zhat, rstd=rstd, chat=chat, rstd_c=rstd_c)
-
-
-def ln_backward_direction(lstm, p, cache, dy, dz, dh, dc, step_mask):
-    """BPTT of one layer and direction: writes dz [T,B,4H] (w.r.t. raw z), leaves dh, dc [B,H]
-    as dh0, dc0 and accumulates the gain/shift gradients; the caller does dW, dU, dx."""
-    be = lstm.backend
-    T = dy.shape[0]
-    P = cache["precision"]
-    UT = be.gemm_operand(lstm.params[p + "U"].T, P)     # rounded once per call (tf32/bf16)
-    gain, _, c_gain, c_shift = _ln_params(lstm, p)
-    G = lstm.grads
-    dgain, dshift, dc_gain, dc_shift = G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"], G[p + "ln_c_shift"]
-    gates, cs, ln = cache["gates"], cache["cs"], cache["ln"]
-    zc, zh, gm = cache["masks"]
-    for t in reversed(range(T)):
-        be.ln_lstm_backward_step(gates[t], ln["zhat"][t], ln["rstd"][t], ln["chat"][t], ln["rstd_c"][t],
-                                 cs[t], gain, c_gain, c_shift, dy[t], dh, dc, dz[t], dc, dh,
-                                 dgain, dshift, dc_gain, dc_shift,
-                                 None if step_mask is None else step_mask[t],
-                                 None if zc is None else zc[t], None if zh is None else zh[t],
-                                 None if gm is None else gm[t])
-        be.matmul_add(dz[t], UT, dh, P)                  # dh_next for step t-1
-
-
 # -- TensorFlow names ------------------------------------------------------------------------
 TF_LN_GATES = ("input", "forget", "transform", "output")     # our order i, f, g, o
 
@@ -204,8 +149,6 @@ def tf_layer_norm_params(layer_dict, H, prefix) -> dict:
     (TensorFlow's ``transform`` is our candidate g). Returns {prefix+"ln_gain": [4H] blocked
     i, f, g, o, prefix+"ln_shift": [4H], prefix+"ln_c_gain": [H], prefix+"ln_c_shift": [H]}.
     """
-    from .interop import _np
-
     if not isinstance(layer_dict, dict):
         raise InputError(f"from_tf: layer_norm entries must be dicts of (gamma, beta) pairs, got {type(layer_dict).__name__}")
     want = TF_LN_GATES + ("state",)

@@ -11,12 +11,15 @@ gates blocked i, f, g, o.
 
 Per layer and direction the work follows the cuDNN/haste plan (DESIGN.md):
     forward:  Z = X @ W + b for all T steps in one GEMM (into the gate buffer [T,B,4H]);
-              per step Z[t] += h[t-1] @ U, then one fused pointwise step.
-    backward: per step one fused gate-gradient step writing dZ[t] and dc, then
-              dh = dZ[t] @ U^T (+ the part that skips the cell), all in the backend's
-              ``lstm_backward_sequence`` (NumPy computes the factors that do not depend on
-              the recurrence for all T steps before its loop); after the loop
-              dW = X^T dZ, dU = H_prev^T dZ, db = sum dZ, dX = dZ W^T, one GEMM each.
+              then the backend's ``lstm_forward_sequence`` (``ln_lstm_forward_sequence``
+              for the LayerNorm cell) runs the time loop: per step Z[t] += h[t-1] @ U and
+              one fused pointwise step.
+    backward: the backend's ``lstm_backward_sequence`` (``ln_lstm_backward_sequence``): per
+              step one fused gate-gradient step writing dZ[t] and dc, then
+              dh = dZ[t] @ U^T (+ the part that skips the cell) (NumPy computes the factors
+              that do not depend on the recurrence for all T steps before its loop); after
+              the loop dW = X^T dZ, dU = H_prev^T dZ, db = sum dZ, dX = dZ W^T, one GEMM each.
+The time loops live in the backend (``xlstm/backends/base.py``), never here.
 Buffers [T,B,4H] and [T+1,B,H] are allocated once per call, never inside the time loop.
 
 Variable lengths: a step past a sequence's end carries its state unchanged and outputs 0, so
@@ -237,6 +240,11 @@ class LSTM(Module):
             return a[::-1]
         return a[rev, self.xp.arange(a.shape[1])[None, :]]
 
+    def _ln_params(self, p):
+        """The LayerNorm cell's gain, shift [4H] and c_gain, c_shift [H] of prefix p."""
+        P = self.params
+        return P[p + "ln_gain"], P[p + "ln_shift"], P[p + "ln_c_gain"], P[p + "ln_c_shift"]
+
     def _forward_direction(self, k, d, x, h0, c0, step_mask, masks):
         """One layer, one direction over all T steps; returns what backward needs."""
         xp, be, H = self.xp, self.backend, self.hidden_size
@@ -248,23 +256,23 @@ class LSTM(Module):
         gates = xp.empty((T, B, 4 * H), self.dtype)
         P = self.precision
         be.matmul(x2, W, out=gates.reshape(T * B, 4 * H), precision=P)   # input GEMM for all steps
+        U = be.gemm_operand(U, P)                               # rounded once per call (tf32/bf16)
         hs = xp.empty((T + 1, B, H), self.dtype)
         cs = xp.empty((T + 1, B, H), self.dtype)
         hs[0] = 0 if h0 is None else h0
         cs[0] = 0 if c0 is None else c0
         if self.layer_norm:
-            from .layernorm import ln_forward_direction
-            extra = ln_forward_direction(self, p, gates, hs, cs, step_mask, zc, zh, gm)
+            gain, shift, c_gain, c_shift = self._ln_params(p)
+            # what the LN backward needs, allocated once per call (the backend's loop fills it)
+            extra = dict(zhat=xp.empty_like(gates), rstd=xp.empty((T, B, 4), self.dtype),
+                         chat=xp.empty((T, B, H), self.dtype), rstd_c=xp.empty((T, B), self.dtype))
+            be.ln_lstm_forward_sequence(gates, extra["zhat"], extra["rstd"], extra["chat"], extra["rstd_c"],
+                                        hs, cs, U, gain, shift, c_gain, c_shift, self.forget_bias,
+                                        self.layer_norm_eps, step_mask, zc, zh, gm, precision=P)
         else:
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
-            U = be.gemm_operand(U, P)                           # rounded once per call (tf32/bf16)
-            for t in range(T):
-                be.matmul_add(hs[t], U, gates[t], P)            # recurrent GEMM
-                be.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], self.forget_bias,
-                                     None if step_mask is None else step_mask[t],
-                                     None if zc is None else zc[t], None if zh is None else zh[t],
-                                     None if gm is None else gm[t])
+            be.lstm_forward_sequence(gates, hs, cs, U, self.forget_bias, step_mask, zc, zh, gm, precision=P)
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
         return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
@@ -326,18 +334,22 @@ class LSTM(Module):
         W, U = self.params[p + "W"], self.params[p + "U"]
         gates, hs, cs, x2 = cache["gates"], cache["hs"], cache["cs"], cache["x2"]
         zc, zh, gm = cache["masks"]
-        P = cache["precision"]
         dz = xp.empty((T, B, 4 * H), self.dtype)
         dh = xp.zeros((B, H), self.dtype) if dh_n is None else dh_n.copy()
         dc = xp.zeros((B, H), self.dtype) if dc_n is None else dc_n.copy()
+        # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
+        # contiguous right operand than through the transposed view (1.2-1.5x measured here)
+        P = cache["precision"]                                  # the mode the forward ran in
+        UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)      # rounded once per call (tf32/bf16)
+        # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
         if self.layer_norm:
-            from .layernorm import ln_backward_direction
-            ln_backward_direction(self, p, cache, dy, dz, dh, dc, step_mask)
+            gain, _, c_gain, c_shift = self._ln_params(p)
+            ln, G = cache["ln"], self.grads
+            be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
+                                         gain, c_gain, c_shift, dy, dh, dc, dz, UT,
+                                         G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
+                                         G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
         else:
-            # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
-            # contiguous right operand than through the transposed view (1.2-1.5x measured here)
-            UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)
-            # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
             be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0

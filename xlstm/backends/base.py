@@ -1,9 +1,13 @@
 """The interface every backend implements, so the math code never branches on the device.
 
 A backend owns an array module ``xp`` (numpy or cupy), moves arrays in and out, synchronises,
-and runs the fused pointwise part of one LSTM time step, forward and backward. Everything else
-(GEMMs, the time loop, layers, directions) lives in ``xlstm/lstm.py`` and is written once
-against ``xp``.
+and runs one layer-direction's time loop: the sequence ops ``lstm_forward_sequence``,
+``lstm_backward_sequence`` and their LayerNorm twins ``ln_lstm_*_sequence``, each over all T
+steps. This base class owns them as readable Python loops over the per-step ops (one recurrent
+GEMM ``matmul_add`` and one fused pointwise step per time step); a backend may override them
+with a faster loop (NumPy's vectorised BPTT, CuPy's captured CUDA graphs) that gives the same
+result. Everything outside the loop (the input GEMM x@W for all steps, dW/dU/dx/db after BPTT,
+layers, directions) lives in ``xlstm/lstm.py`` and is written once against ``xp``.
 
 Pointwise step, forward (per batch row b and unit j; gates in blocked order i, f, g, o):
 
@@ -35,7 +39,8 @@ from __future__ import annotations
 
 
 class Backend:
-    """Base class; subclasses set ``name`` and ``xp`` and implement the two pointwise steps."""
+    """Base class; subclasses set ``name`` and ``xp`` and implement the pointwise steps (the
+    sequence ops here loop over them; a subclass may override those too)."""
 
     name: str = "?"
     xp = None
@@ -87,6 +92,34 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- the time loop of one layer and direction (the backend seam) ---------------------------
+    @staticmethod
+    def _at(a, t):
+        """a[t] for an optional per-step array (None stays None)."""
+        return None if a is None else a[t]
+
+    def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                              mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
+        """Forward of the plain cell over all T steps, in place.
+
+        gates [T,B,4H]: in, x@W + b of every step (the input GEMM, bias folded in);
+                  out, post-activation gates i, f, g, o of every step (g before dropout).
+        hs, cs [T+1,B,H]: in, the initial state in hs[0], cs[0]; out, hs[t+1], cs[t+1] the
+                  (carried) state after step t.
+        U [H,4H]: recurrent weights (or their ``gemm_operand`` in ``precision``).
+        forget_bias: float added to the forget pre-activation.
+        mask [T,B] | None: 1 inside a sequence, 0 past its end.  zc, zh, gmask [T,B,H] | None:
+                  zoneout carry fractions and recurrent-dropout mask (see the module doc).
+        precision: of the recurrent products (see ``matmul``).
+
+        Per step t: gates[t] += hs[t] @ U, then one ``lstm_forward_step``.
+        """
+        at = self._at
+        for t in range(gates.shape[0]):
+            self.matmul_add(hs[t], U, gates[t], precision)     # recurrent GEMM
+            self.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], forget_bias,
+                                   at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
+
     def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
                                mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """BPTT of the pointwise steps and the recurrent GEMMs over all T steps, in place.
@@ -102,11 +135,10 @@ class Backend:
         per step (on the GPU: one fused kernel and one GEMM). A backend may override it to move
         the work that does not depend on the recurrence out of the loop (NumPy does).
         """
+        at = self._at
         for t in reversed(range(gates.shape[0])):
             self.lstm_backward_step(gates[t], cs[t], dy[t], dh, dc, dz[t], dc, dh,
-                                    None if mask is None else mask[t],
-                                    None if zc is None else zc[t], None if zh is None else zh[t],
-                                    None if gmask is None else gmask[t])
+                                    at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
             self.matmul_add(dz[t], UT, dh, precision)          # dh_next for step t-1
 
     # -- the LayerNorm LSTM step (TensorFlow LayerNormBasicLSTMCell) -------------------------
@@ -163,6 +195,53 @@ class Backend:
         dgain, dshift [4H], dc_gain, dc_shift [H]: accumulated (+=) over the batch rows.
         """
         raise NotImplementedError(f"backend {self.name!r} has no LayerNorm LSTM step (ln_lstm_backward_step)")
+
+    def ln_lstm_forward_sequence(self, gates, zhat, rstd, chat, rstd_c, hs, cs, U,
+                                 gain, shift, c_gain, c_shift, forget_bias, eps,
+                                 mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
+        """Forward of the LayerNorm cell over all T steps, in place (equations above).
+
+        gates [T,B,4H]: in, x@W of every step (no bias: the cell has none);
+                  out, post-activation gates i, f, g, o of every step (g before dropout).
+        zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]: out, what backward needs
+                  (normalised pre-activations and cell states, their 1/sqrt(var + eps)).
+        hs, cs [T+1,B,H]: in, the initial state in [0]; out, the state after every step.
+        U [H,4H] (or its ``gemm_operand``); gain, shift [4H] (blocked i, f, g, o); c_gain,
+        c_shift [H]; forget_bias, eps: floats.  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        precision: of the recurrent products.
+
+        Per step t: gates[t] += hs[t] @ U, then one ``ln_lstm_forward_step``.
+        """
+        at = self._at
+        for t in range(gates.shape[0]):
+            self.matmul_add(hs[t], U, gates[t], precision)     # recurrent GEMM
+            self.ln_lstm_forward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t], hs[t],
+                                      cs[t + 1], hs[t + 1], gain, shift, c_gain, c_shift,
+                                      forget_bias, eps, at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
+
+    def ln_lstm_backward_sequence(self, gates, zhat, rstd, chat, rstd_c, cs, gain, c_gain, c_shift,
+                                  dy, dh, dc, dz, UT, dgain, dshift, dc_gain, dc_shift,
+                                  mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
+        """BPTT of the LayerNorm cell over all T steps, in place (equations above).
+
+        gates, zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]: stored by the forward.
+        cs [T+1,B,H]: cell states (cs[0] the initial one).  gain [4H]; c_gain, c_shift [H].
+        dy [T,B,H]: gradient w.r.t. each step's output.
+        dh [B,H]: in, dL/dh_T; out, dL/dh_0.  dc [B,H]: in, dL/dc_T; out, dL/dc_0.
+        dz [T,B,4H]: out, gradient w.r.t. the raw pre-activations of every step.
+        UT [4H,H]: U^T (contiguous), or its ``gemm_operand`` in ``precision``.
+        dgain, dshift [4H], dc_gain, dc_shift [H]: accumulated (+=).
+        mask [T,B] | None; zc, zh, gmask [T,B,H] | None.  precision: of the dz @ U^T products.
+
+        Per step t (backwards): one ``ln_lstm_backward_step``, then dh += dz[t] @ U^T.
+        """
+        at = self._at
+        for t in reversed(range(gates.shape[0])):
+            self.ln_lstm_backward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t],
+                                       gain, c_gain, c_shift, dy[t], dh, dc, dz[t], dc, dh,
+                                       dgain, dshift, dc_gain, dc_shift,
+                                       at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
+            self.matmul_add(dz[t], UT, dh, precision)          # dh_next for step t-1
 
     # -- GEMMs (the only place precision modes act; see xlstm/precision.py) ---------------------
     # a, b: 2-D arrays of this backend (views such as U.T allowed), or ``Rounded`` operands from
