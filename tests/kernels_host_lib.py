@@ -19,8 +19,9 @@ from xlstm.kernels import KERNELS_DIR, kernel_source
 
 SHIM = Path(__file__).resolve().parent / "kernels_host_shim.cpp"
 
-_CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong}
-_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64}
+_CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong,
+           "unsigned short": ctypes.c_uint16}
+_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64, "unsigned short": np.uint16}
 
 
 def compiler_missing_reason() -> str | None:

@@ -107,20 +107,26 @@ class CupyBackend(Backend):
     # -- kernels ----------------------------------------------------------------------------
     def _kernel(self, name: str, dtype):
         """The compiled kernel ``{name}_{f32|f64}`` on the current device (compiled once)."""
-        from ..kernels import DTYPE_SUFFIX, kernel_source
+        from ..kernels import DTYPE_SUFFIX
 
-        dev = self.xp.cuda.runtime.getDevice()
         sfx = DTYPE_SUFFIX.get(np.dtype(dtype).name)
         if sfx is None:
             raise InputError(f"the cupy backend's kernels take float32 or float64 arrays, got {np.dtype(dtype)}")
-        key = (dev, f"{name}_{sfx}")
+        return self._function(f"{name}_{sfx}")
+
+    def _function(self, full_name: str):
+        """The compiled kernel ``full_name`` of lstm_kernels.cu on the current device (compiled once)."""
+        from ..kernels import kernel_source
+
+        dev = self.xp.cuda.runtime.getDevice()
+        key = (dev, full_name)
         k = self._kernels.get(key)
         if k is None:
             mod = self._modules.get(dev)
             if mod is None:
                 # no -use_fast_math: tanh must stay the accurate one (the tests' tolerances)
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
-            k = self._kernels[key] = mod.get_function(key[1])
+            k = self._kernels[key] = mod.get_function(full_name)
         return k
 
     def _grid(self, n: int) -> int:
@@ -239,13 +245,36 @@ class CupyBackend(Backend):
         self._kernel("ln_accumulate", dt)((self._grid(10 * H),), (self.BLOCK,), acc)
 
     # -- GEMM -------------------------------------------------------------------------------
-    def matmul_add(self, a, b, out) -> None:
+    def _mixed(self):
+        """The cublasGemmEx path of the tf32/bf16 modes (``cupy_gemm.py``; not yet run on a GPU)."""
+        m = getattr(self, "_mixed_gemm", None)
+        if m is None:
+            from .cupy_gemm import MixedGemm
+
+            m = self._mixed_gemm = MixedGemm(self)
+        return m
+
+    def gemm_operand(self, a, precision="float32"):
+        if precision == "float32":
+            return a
+        return self._mixed().operand(a, precision)
+
+    def matmul(self, a, b, out=None, precision="float32"):
+        if precision == "float32":
+            return self.xp.matmul(a, b, out=out)
+        return self._mixed().gemm(a, b, out, precision, beta=0.0)
+
+    def matmul_add(self, a, b, out, precision="float32") -> None:
         """out += a @ b as one cuBLAS gemm with beta = 1 (no temporary, no host sync).
 
         Transposed views (``U.T``, ``x2.T``) go to cuBLAS as transpose flags, not copies:
         ``cupy.cublas.gemm`` accepts any C- or F-contiguous 2-D operand. Other layouts are
         copied by cupy first; other ranks or mixed dtypes fall back to ``out += a @ b``.
+        tf32/bf16: cublasGemmEx with beta = 1 (``cupy_gemm.py``).
         """
+        if precision != "float32":
+            self._mixed().gemm(a, b, out, precision, beta=1.0)
+            return
         if a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and a.dtype == b.dtype == out.dtype \
                 and a.dtype.char in "fd":
             from cupy import cublas

@@ -50,8 +50,10 @@ def kernel_source(name: str = MAIN_SOURCE) -> str:
 KERNEL_NAMES = ("lstm_forward_step", "lstm_backward_step",
                 "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate")
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
+# Kernels of one fixed type, named without a suffix (the bf16 operand cast, precision.cuh).
+FIXED_KERNELS = ("f32_to_bf16",)
 
 
 def entry_names() -> list[str]:
     """Every extern "C" kernel name in ``lstm_kernels.cu``, e.g. ``lstm_forward_step_f32``."""
-    return [f"{k}_{s}" for k in KERNEL_NAMES for s in DTYPE_SUFFIX.values()]
+    return [f"{k}_{s}" for k in KERNEL_NAMES for s in DTYPE_SUFFIX.values()] + list(FIXED_KERNELS)
