@@ -432,3 +432,53 @@ def test_gpu_tf32_rounding():
     match = [k for k, v in modes.items() if np.array_equal(got, v)]
     print(f"cuBLAS TF32 operand rounding on this GPU: {match or 'unknown'}")
     assert match, "cuBLAS's TF32 result is none of the known roundings"
+
+
+# =============================================================================================
+# 7. `xlstm train --precision`: checkpoint, resume, sample, export in every mode (NumPy emulation)
+# =============================================================================================
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_train_precision_resume_equals_uninterrupted(mode, tmp_path):
+    import test_train as tt
+    from xlstm import checkpoint
+
+    corpus = tmp_path / "c.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(["def", "x", "return", "self", "if"], 6)) for _ in range(80)))
+    opts = ["--text", corpus, *tt.TINY, "--steps", "12", "--save-every", "4", "--precision", mode]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = tt.xlstm("train", *opts, "--out", a, check=0)
+    assert f"precision {mode}" in r.stdout and "EMULATED" in r.stdout
+    assert "PrecisionEmulationWarning" in r.stderr                     # said once, not silently
+    tt.xlstm("train", *opts, "--out", b, "--stop-after", "5", check=130)
+    tt.xlstm("train", "--resume", b, "--no-progress", check=0)
+    assert [x["loss"] for x in tt.records(a)] == [x["loss"] for x in tt.records(b)]
+    meta = checkpoint.load(str(b / "ckpt-000012"))[1]
+    assert meta["config"]["precision"] == mode
+    # the emulation really changes the numbers: a float32 run differs
+    f32 = tmp_path / "f32"
+    tt.xlstm("train", *opts[:-2], "--out", f32, check=0)
+    assert [x["loss"] for x in tt.records(f32)] != [x["loss"] for x in tt.records(a)]
+    # resuming in another mode is refused, naming both
+    r = tt.xlstm("train", "--resume", b, "--precision", "float32", "--steps", "20", "--no-progress", check=2)
+    assert f"--precision {mode!r}" in r.stderr and "--precision 'float32'" in r.stderr
+    from xlstm.train import load_model
+    model, *_ = load_model(str(b), backend="numpy")
+    assert model.precision == mode
+    tt.xlstm("sample", b, "--length", "5", "--seed", "0", check=0)
+    if importlib_util_find("torch"):
+        tt.xlstm("export", b, "--to", "torch", "--output", tmp_path / "l.pt", check=0)
+
+
+def importlib_util_find(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_train_refuses_float64_with_reduced_precision(tmp_path):
+    import test_train as tt
+
+    r = tt.xlstm("train", "--text", __file__, *tt.TINY, "--steps", "1", "--dtype", "float64",
+                 "--precision", "bf16", "--out", tmp_path / "r", check=2)
+    assert "--precision bf16" in r.stderr and "--dtype float32" in r.stderr
