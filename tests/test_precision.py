@@ -482,3 +482,22 @@ def test_train_refuses_float64_with_reduced_precision(tmp_path):
     r = tt.xlstm("train", "--text", __file__, *tt.TINY, "--steps", "1", "--dtype", "float64",
                  "--precision", "bf16", "--out", tmp_path / "r", check=2)
     assert "--precision bf16" in r.stderr and "--dtype float32" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_bench_precision_rows(mode, tmp_path, capsys):
+    """`xlstm bench --precision`: checked against torch in the same setting, then timed; rows say
+    the mode. float64 with a reduced mode is refused."""
+    import json
+
+    from xlstm import bench
+
+    argv = ["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
+            "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-plot", "--no-progress",
+            "--no-memory", "--backends", "numpy", "--precision", mode, "--out", str(tmp_path), "--name", "p"]
+    assert bench.main(argv) == 0
+    rows = json.load(open(tmp_path / "p.json"))["rows"]
+    assert rows and all(r["precision"] == mode and r["status"] == "ok" for r in rows)
+    assert f"({mode} GEMMs)" in capsys.readouterr().out
+    assert bench.main(argv[:-4] + ["--dtype", "float64", "--out", str(tmp_path), "--name", "q"]) == 2
+    assert "--dtype float32" in capsys.readouterr().err
