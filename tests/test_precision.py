@@ -19,6 +19,7 @@ import pytest
 
 import xlstm
 from xlstm import precision as P
+from xlstm import precision_error as PE
 from xlstm.backends import resolve
 from xlstm.backends import numpy_backend
 from xlstm.errors import InputError
@@ -252,7 +253,7 @@ BOUNDS = {  # (layer_norm, precision, tf32 rounding) -> max over outputs of erro
 @pytest.mark.parametrize("layer_norm,mode,rounding", list(BOUNDS), ids=[f"{'ln' if k[0] else 'plain'}-{k[1]}-{k[2]}"
                                                                       for k in BOUNDS])
 def test_model_error_against_float64_is_bounded(layer_norm, mode, rounding):
-    err = P.error_against_float64(mode, layer_norm=layer_norm, tf32_rounding=rounding)
+    err = PE.error_against_float64(mode, layer_norm=layer_norm, tf32_rounding=rounding)
     u = P.UNIT_ROUNDOFF[mode]
     worst = max(err, key=err.get)
     assert err[worst] <= BOUNDS[(layer_norm, mode, rounding)] * u, \
@@ -265,15 +266,15 @@ def test_model_error_against_float64_is_bounded(layer_norm, mode, rounding):
 def test_plain_cell_error_scales_with_u():
     """tf32/bf16 errors differ by the ratio of their unit roundoffs (2^3): the error comes from
     the operand rounding (the model of the derivation above), not from something else."""
-    e_tf = P.error_against_float64("tf32")
-    e_bf = P.error_against_float64("bf16")
+    e_tf = PE.error_against_float64("tf32")
+    e_bf = PE.error_against_float64("bf16")
     ratio = {k: e_bf[k] / e_tf[k] for k in e_tf}
     assert all(4 < r < 16 for r in ratio.values()), ratio
 
 
 def test_bidirectional_masked_model_is_bounded():
     """Lengths and the reverse direction take the per-step (base class) BPTT with rounded U^T."""
-    err = P.error_against_float64("bf16", bidirectional=True, num_layers=1, T=30)
+    err = PE.error_against_float64("bf16", bidirectional=True, num_layers=1, T=30)
     assert max(err.values()) <= 1.15 * P.UNIT_ROUNDOFF["bf16"]
 
 
@@ -395,7 +396,7 @@ def test_gpu_model_error_is_bounded(mode):
     """cuBLAS tf32/bf16 on the device within the CPU bounds (tf32: the truncation bound, since
     NVIDIA does not document the TF32 conversion's rounding)."""
     for ln in (False, True):
-        err = P.error_against_float64(mode, layer_norm=ln, backend="cupy")
+        err = PE.error_against_float64(mode, layer_norm=ln, backend="cupy")
         bound = BOUNDS[(ln, mode, "rz" if mode == "tf32" else "rne")]
         assert max(err.values()) <= bound * P.UNIT_ROUNDOFF[mode], err
 

@@ -56,7 +56,7 @@ QUICK_SEQ = (16, 64)
 TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
 # tf32/bf16 (xlstm and torch both rounding GEMM operands, differently): 20 unit roundoffs, a
 # sanity check that catches wrong results (O(1) errors), not a measure of precision (that is
-# xlstm.precision.error_against_float64, bounded in tests/test_precision.py)
+# xlstm.precision_error.error_against_float64, bounded in tests/test_precision.py)
 PRECISION_TOLERANCE = {"tf32": 20 * 2.0 ** -11, "bf16": 20 * 2.0 ** -8}
 
 COLUMNS = [
