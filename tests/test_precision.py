@@ -552,3 +552,23 @@ def test_bench_precision_rows(mode, tmp_path, capsys):
     assert f"({mode} GEMMs)" in capsys.readouterr().out
     assert bench.main(argv[:-4] + ["--dtype", "float64", "--out", str(tmp_path), "--name", "q"]) == 2
     assert "--dtype float32" in capsys.readouterr().err
+
+
+def test_resume_of_a_checkpoint_from_before_precision_modes(tmp_path):
+    """A checkpoint whose config has no 'precision' was trained in float32: it resumes in float32,
+    and --precision bf16 on it is refused instead of silently ignored."""
+    import json
+
+    import test_train as tt
+
+    run = tmp_path / "old"
+    tt.xlstm("train", "--text", __file__, *tt.TINY, "--steps", "2", "--out", run, check=0)
+    meta_path = run / "ckpt-000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["precision"]                      # as written before this option existed
+    meta_path.write_text(json.dumps(meta))
+    r = tt.xlstm("train", "--resume", run, "--precision", "bf16", "--steps", "3", "--no-progress", check=2)
+    assert "--precision 'float32'" in r.stderr and "--precision 'bf16'" in r.stderr
+    tt.xlstm("train", "--resume", run, "--steps", "3", "--no-progress", check=0)
+    from xlstm.train import load_model
+    assert load_model(str(run), backend="numpy")[0].precision == "float32"

@@ -176,9 +176,10 @@ def _merge_resumed(saved: dict, given: dict, where: str) -> dict:
     for k, v in given.items():
         if k in RUN_CONTROL:
             cfg[k] = v
-        elif k in saved and saved[k] != v:
+        elif saved.get(k, DEFAULTS.get(k)) != v:     # an option older checkpoints lack had its default
             opt = "--" + k.replace("_", "-")
-            raise InputError(f"the checkpoint {where} was trained with {opt} {saved[k]!r}, but {opt} {v!r} was "
+            raise InputError(f"the checkpoint {where} was trained with {opt} {saved.get(k, DEFAULTS.get(k))!r}, "
+                             f"but {opt} {v!r} was "
                              "given; drop the option to continue that run, or start a new run with another --out")
     if "steps" in given and "epochs" not in given:
         cfg["epochs"] = None
