@@ -370,7 +370,7 @@ def make_host_cublas(calls):
         np.lib.stride_tricks.as_strided(out, (m, n), (4, ldc * 4))[...] = res
 
     return types.SimpleNamespace(gemmEx=gemmEx, getPointerMode=lambda h: CG.CUBLAS_POINTER_MODE_HOST,
-                                 setPointerMode=lambda h, m: None)
+                                 setPointerMode=lambda h, m: None, setStream=lambda h, s: calls.append(("stream", s)))
 
 
 @pytest.fixture
@@ -381,6 +381,7 @@ def host_cupy(host_lib, monkeypatch):
 
     fake = tcb.make_fake_cupy(host_lib)
     fake.module.cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 0)
+    fake.module.cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None)
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     calls = []
     monkeypatch.setattr(CG, "_cublas", lambda: make_host_cublas(calls))
@@ -408,7 +409,9 @@ def test_cupy_gemmex_layouts_match_numpy_emulation(host_cupy, mode):
     np.testing.assert_allclose(wide[:, ::2], 1 + want, rtol=2e-6, atol=1e-6)
     assert (wide[:, 1::2] == 1).all()
     t = CG.CUDA_R_16BF if mode == "bf16" else CG.CUDA_R_32F
-    assert calls and all(c["Atype"] == t for c in calls)
+    gemms = [c for c in calls if isinstance(c, dict)]
+    assert gemms and all(c["Atype"] == t for c in gemms)
+    assert calls.count(("stream", 0)) == len(gemms)          # each call on the current stream
     if mode == "bf16":      # operands cast by the kernel, weights once
         assert "f32_to_bf16" in fake.launches
 

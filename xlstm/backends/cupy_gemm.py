@@ -124,6 +124,7 @@ class MixedGemm:
         op_a, ld_a = desc(A)
         cublas = _cublas()
         handle = self.xp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)   # the stream the kernels use
         mode = cublas.getPointerMode(handle)
         if mode != CUBLAS_POINTER_MODE_HOST:
             cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
