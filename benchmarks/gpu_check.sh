@@ -9,15 +9,7 @@
 #
 # Works on a bare machine with cupy, torch and nvcc but without this package installed: it runs
 # from the source tree with PYTHONPATH (no pip install, no network). PYTHON picks the interpreter.
-set -u
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-START=$(date +%s)
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" "$@"     # OUT, ROOT, PY, START; cd "$ROOT"
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"

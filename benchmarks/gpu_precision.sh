@@ -9,15 +9,7 @@
 # NOT YET RUN: written without a GPU.
 #
 #   bash benchmarks/gpu_precision.sh OUT_DIR
-set -u
-OUT=${1:?usage: bash benchmarks/gpu_precision.sh OUT_DIR}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-START=$(date +%s)
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" "$@"     # OUT, ROOT, PY, START; cd "$ROOT"
 
 echo "== pytest -m gpu tests/test_precision.py (limit 120 s)"
 timeout 120 "$PY" -m pytest -m gpu tests/test_precision.py -q -s -p no:cacheprovider > "$OUT/pytest_precision.txt" 2>&1
