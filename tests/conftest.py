@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A tiny text file (120 lines of 11 Python-ish words) for the `xlstm train` tests."""
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "value", "None", "if", "else", "for", "in", "x", "y"]
+    lines = [" ".join(rng.choice(words, 6)) + ":" for _ in range(120)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)

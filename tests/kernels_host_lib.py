@@ -1,9 +1,11 @@
 """Build and bind the host version of the CUDA kernels (``tests/kernels_host_shim.cpp``).
 
 Used by ``test_kernels_host.py`` (the math against NumPy) and ``test_cupy_backend.py`` (the
-CuPy backend's launches run on the host). Every kernel ``K`` of ``xlstm/kernels/lstm_kernels.cu``
-has a host twin ``host_K`` with the same parameter list; ``bind`` reads the parameter lists from
-the .cu source itself, so a kernel signature change shows up here without edits.
+CuPy backend's launches run on the host). Every kernel ``K`` of the sources in
+``xlstm.kernels.SOURCES`` has a host twin ``host_K`` with the same parameter list (the persistent
+kernels' twins take three more: the launch's grid, block and shared-memory bytes, see
+``LAUNCH_PARAMS``); ``build`` reads the parameter lists from the .cu sources themselves, so a
+kernel signature change shows up here without edits.
 """
 from __future__ import annotations
 
@@ -15,13 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
-from xlstm.kernels import KERNELS_DIR, kernel_source
+from xlstm.kernels import KERNELS_DIR, SOURCES, kernel_source
 
 SHIM = Path(__file__).resolve().parent / "kernels_host_shim.cpp"
 
 _CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong,
-           "unsigned short": ctypes.c_uint16}
-_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64, "unsigned short": np.uint16}
+           "unsigned short": ctypes.c_uint16, "unsigned int": ctypes.c_uint}
+_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64, "unsigned short": np.uint16,
+          "unsigned int": np.uint32}
+
+# Kernels whose host twin runs a whole launch's schedule: after the kernel's own parameters it
+# takes the launch's grid size, block size and dynamic shared-memory bytes (long long each).
+LAUNCH_PARAMS = ("NB", "nt", "smem_bytes")
+
+
+def takes_launch(name: str) -> bool:
+    """True when host_<name> takes LAUNCH_PARAMS after the kernel's parameters."""
+    return name.startswith("lstm_persistent_")
 
 
 def compiler_missing_reason() -> str | None:
@@ -43,10 +55,15 @@ def build(out_dir: Path) -> ctypes.CDLL:
     if res.returncode != 0:
         raise AssertionError(f"host build of the kernels failed:\n{' '.join(cmd)}\n{res.stderr}")
     lib = ctypes.CDLL(str(out))
-    for name, params in kernel_signatures().items():
-        fn = getattr(lib, "host_" + name)
-        fn.argtypes = [ctypes.c_void_p if ptr else _CTYPES[base] for ptr, base, _ in params]
-        fn.restype = None
+    for src in SOURCES:
+        for name, params in kernel_signatures(kernel_source(src)).items():
+            fn = getattr(lib, "host_" + name)
+            fn.argtypes = [ctypes.c_void_p if ptr else _CTYPES[base] for ptr, base, _ in params]
+            if takes_launch(name):
+                fn.argtypes += [ctypes.c_longlong] * len(LAUNCH_PARAMS)
+            fn.restype = None
+    lib.host_persistent_smem_elems.argtypes = [ctypes.c_int] + [ctypes.c_longlong] * 4
+    lib.host_persistent_smem_elems.restype = ctypes.c_longlong
     return lib
 
 
@@ -65,7 +82,8 @@ def kernel_signatures(source: str | None = None) -> dict:
     src = kernel_source() if source is None else source
     src = re.sub(r"//[^\n]*", "", src)
     out = {}
-    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
+    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
+                         r'(\w+)\s*\(([^)]*)\)', src):
         params = []
         for p in m.group(2).split(","):
             p = " ".join(p.replace("*", " * ").split())

@@ -7,6 +7,16 @@
 // columns. So CI checks the CUDA math, indexing and nullptr handling against the NumPy backend
 // without a GPU, and tests/test_cupy_backend.py can run CupyBackend's launches on the host.
 // Arguments and shapes: as the kernels in lstm_kernels.cu (null pointers for unused masks).
+//
+// The persistent kernels of lstm_persistent.cu get host twins that run their phase functions
+// (lstm_persistent.cuh) in the kernel's block/step schedule, with three extra trailing
+// parameters that a launch supplies: NB (grid), nt (block) and the dynamic shared-memory bytes.
+// Blocks run in ascending order on even steps and descending on odd ones, threads likewise, so
+// a phase that read what another block or thread writes in the same phase would differ.
+#include <limits>
+#include <vector>
+
+#include "lstm_persistent.cuh"
 #include "lstm_pointwise.cuh"
 #include "precision.cuh"
 
@@ -61,9 +71,113 @@ void ln_accumulate_loop(const T* part, T* dgain, T* dshift, T* dc_gain, T* dc_sh
     xlstm::ln_accumulate_column<T>(n, B, H, part, dgain, dshift, dc_gain, dc_shift);
 }
 
+// One block's shared memory per block, poisoned with NaN so a read before a write shows.
+// Returns false (and leaves the outputs alone) when the launch's shared memory is too small
+// or the barrier is not a zeroed counter: the caller then poisons an output.
+template <typename T>
+bool persistent_setup(const xlstm::PersistentArgs<T>& a, int backward, long long smem_bytes,
+                      const unsigned int* barrier, std::vector<std::vector<T>>& smem) {
+  const long long need = xlstm::persistent_smem_elems(backward, a.B, a.H, a.NB, a.KS);
+  if (barrier == nullptr || *barrier != 0u || smem_bytes < need * (long long)sizeof(T) ||
+      a.KS < 1 || a.NB < 1 || a.NB > a.H)
+    return false;
+  smem.assign(a.NB, std::vector<T>(need, std::numeric_limits<T>::quiet_NaN()));
+  return true;
+}
+
+// Index of the i-th of n blocks or threads at step t: ascending on even steps, else descending.
+inline long long nth(long long i, long long n, long long t) { return t % 2 ? n - 1 - i : i; }
+
+template <typename T>
+void persistent_forward_host(xlstm::PersistentArgs<T> a, const unsigned int* barrier,
+                             long long nt, long long smem_bytes) {
+  std::vector<std::vector<T>> sm;
+  if (!persistent_setup(a, 0, smem_bytes, barrier, sm)) {
+    for (long long n = 0; n < a.steps * a.B * 4 * a.H; ++n) a.gates[n] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  for (long long k = 0; k < a.NB; ++k)
+    for (long long tid = 0; tid < nt; ++tid) xlstm::persistent_forward_load<T>(a, k, tid, nt, sm[k].data());
+  for (long long t = 0; t < a.steps; ++t)          // a grid barrier between steps
+    for (long long i = 0; i < a.NB; ++i) {
+      const long long k = nth(i, a.NB, t);
+      for (long long x = 0; x < nt; ++x)
+        xlstm::persistent_forward_partial<T>(a, t, k, nth(x, nt, t), nt, sm[k].data());
+      for (long long x = 0; x < nt; ++x)            // a block barrier between the phases
+        xlstm::persistent_forward_pointwise<T>(a, t, k, nth(x, nt, t), nt, sm[k].data());
+    }
+}
+
+template <typename T>
+void persistent_backward_host(xlstm::PersistentArgs<T> a, const unsigned int* barrier,
+                              long long nt, long long smem_bytes) {
+  std::vector<std::vector<T>> sm;
+  if (!persistent_setup(a, 1, smem_bytes, barrier, sm)) {
+    for (long long n = 0; n < a.B * a.H; ++n) a.dh[n] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  for (long long k = 0; k < a.NB; ++k)
+    for (long long tid = 0; tid < nt; ++tid) xlstm::persistent_backward_load<T>(a, k, tid, nt, sm[k].data());
+  for (long long t = a.steps - 1; t >= -1; --t)    // t = -1: the finish after step 0
+    for (long long i = 0; i < a.NB; ++i) {
+      const long long k = nth(i, a.NB, t + 1);
+      if (t < a.steps - 1)
+        for (long long x = 0; x < nt; ++x)
+          xlstm::persistent_backward_partial<T>(a, t + 1, k, nth(x, nt, t), nt, sm[k].data());
+      for (long long x = 0; x < nt; ++x) {
+        if (t >= 0)
+          xlstm::persistent_backward_pointwise<T>(a, t, k, nth(x, nt, t + 1), nt, sm[k].data());
+        else
+          xlstm::persistent_backward_finish<T>(a, k, nth(x, nt, t + 1), nt, sm[k].data());
+      }
+    }
+}
+
+template <typename T>
+xlstm::PersistentArgs<T> persistent_args(T* gates, T* hs, T* cs, const T* W, const T* dy, T* dh,
+                                         T* dc, T* dz, T forget_bias, const T* mask, const T* zc,
+                                         const T* zh, const T* gmask, long long steps,
+                                         long long B, long long H, long long NB, long long KS) {
+  xlstm::PersistentArgs<T> a;
+  a.gates = gates; a.hs = hs; a.cs = cs; a.W = W; a.dy = dy; a.dh = dh; a.dc = dc; a.dz = dz;
+  a.forget_bias = forget_bias;
+  a.mask = mask; a.zc = zc; a.zh = zh; a.gmask = gmask;
+  a.steps = steps; a.B = B; a.H = H; a.NB = NB; a.KS = KS;
+  return a;
+}
+
 }  // namespace
 
 extern "C" {
+
+// The shared-memory size the host twins require, for the launch code's own formula to match.
+long long host_persistent_smem_elems(int backward, long long B, long long H, long long NB,
+                                     long long KS) {
+  return xlstm::persistent_smem_elems(backward, B, H, NB, KS);
+}
+
+#define XLSTM_PERSISTENT_SHIM(T, SFX)                                                          \
+  void host_lstm_persistent_forward_##SFX(                                                      \
+      T* gates, T* hs, T* cs, const T* U, T forget_bias, const T* mask, const T* zc,            \
+      const T* zh, const T* gmask, unsigned int* barrier, long long steps, long long B,         \
+      long long H, long long KS, long long NB, long long nt, long long smem_bytes) {            \
+    persistent_forward_host<T>(persistent_args<T>(gates, hs, cs, U, nullptr, nullptr, nullptr,  \
+                                                  nullptr, forget_bias, mask, zc, zh, gmask,    \
+                                                  steps, B, H, NB, KS),                         \
+                               barrier, nt, smem_bytes);                                        \
+  }                                                                                             \
+  void host_lstm_persistent_backward_##SFX(                                                     \
+      const T* gates, const T* cs, const T* dy, T* dh, T* dc, T* dz, const T* UT, const T* mask, \
+      const T* zc, const T* zh, const T* gmask, unsigned int* barrier, long long steps,          \
+      long long B, long long H, long long KS, long long NB, long long nt, long long smem_bytes) { \
+    persistent_backward_host<T>(persistent_args<T>(const_cast<T*>(gates), nullptr,              \
+                                                   const_cast<T*>(cs), UT, dy, dh, dc, dz, T(0), \
+                                                   mask, zc, zh, gmask, steps, B, H, NB, KS),   \
+                                barrier, nt, smem_bytes);                                       \
+  }
+
+XLSTM_PERSISTENT_SHIM(float, f32)
+XLSTM_PERSISTENT_SHIM(double, f64)
 
 void host_lstm_forward_step_f32(float* z, const float* c_prev, const float* h_prev, float* c,
                                 float* h, float forget_bias, const float* mask, const float* zc,

@@ -177,3 +177,43 @@ def test_numpy_backward_sequence_matches_per_step_loop(dtype):
     for a, b in zip(*results):
         assert a.dtype == np.dtype(dtype)
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+# -- arrays kept on the host own their memory (issue 9) -----------------------------------------
+def test_to_numpy_copy_owns_its_memory():
+    be = xlstm.backends.resolve("numpy")
+    a = np.arange(6.0).reshape(2, 3)
+    assert be.to_numpy(a) is a or np.shares_memory(be.to_numpy(a), a)   # the documented view
+    kept = be.to_numpy(a, copy=True)
+    a += 1
+    np.testing.assert_array_equal(kept, np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("D,H", [(1, 3), (2, 1), (1, 1), (3, 2)])
+def test_what_callers_keep_does_not_follow_later_training(D, H):
+    """state_dict, to_torch_state_dict (params and grads) and the optimizer's state_dict are
+    snapshots: a later backward/step must not change them. (With D or H = 1 the transposed
+    weights were views: ``np.ascontiguousarray(W.T)`` does not copy a [1,4H] array.)"""
+    from xlstm import interop
+    from xlstm.optim import Adam
+
+    rng = np.random.default_rng(0)
+    lstm = xlstm.LSTM(D, H, dtype="float64", seed=1)
+    opt = Adam(lstm, lr=0.1)
+    x, dy = rng.standard_normal((3, 2, D)), rng.standard_normal((3, 2, H))
+
+    def train_step():
+        lstm.forward(x)
+        lstm.backward(dy)
+        opt.step()
+
+    train_step()
+    kept = {"state_dict": lstm.state_dict(), "torch params": interop.to_torch_state_dict(lstm),
+            "torch grads": interop.to_torch_state_dict(lstm, grads=True),
+            "optimizer": {f"{k}/{b}": a for k, st in opt.state_dict()["state"].items() for b, a in st.items()}}
+    frozen = {w: {k: v.copy() for k, v in d.items()} for w, d in kept.items()}
+    for _ in range(2):
+        train_step()
+    for w, d in kept.items():
+        for k, v in d.items():
+            np.testing.assert_array_equal(v, frozen[w][k], err_msg=f"{w} {k} changed after training on")

@@ -131,6 +131,10 @@ def test_cli_has_the_bench_subcommand():
     assert SUBCOMMANDS["bench"][0] == "xlstm.bench"
     args = build_parser().parse_args(["bench", "--quick", "--batch", "32,64"])
     assert args.quick and args.batch == (32, 64)
+    assert args.persistent is None          # the backend's own choice unless forced
+    assert build_parser().parse_args(["bench", "--persistent", "off"]).persistent == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--persistent", "maybe"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -184,3 +188,112 @@ def test_plain_pointwise_steps_allocate_nothing_per_step(dtype):
     assert peak <= 3 * np.getbufsize() * itemsize < B * H * itemsize, (peak, B * H * itemsize)
     for a in (zz, c, h, dz, dc, dh):
         assert a.dtype == np.dtype(dtype)
+
+
+# -- host results are snapshots (issue 9: on NumPy ``to_numpy`` is the live buffer) ---------------
+def _snapshot(host):
+    y, dx, grads = host
+    return np.array(y), np.array(dx), {k: np.array(v) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("use_torch", [False, True])
+def test_host_results_do_not_change_when_the_backend_runs_again(use_torch):
+    """What ``check`` keeps of one backend is what that backend computed then, not a view of
+    gradients that the timing runs go on accumulating into."""
+    torch = pytest.importorskip("torch") if use_torch else None
+    runner = bench.CellRunner(bench.Cell(8, 3, 2, 1), xlstm.backends.resolve("numpy"), "float32",
+                              torch, use_torch=use_torch)
+    runner.check()
+    before = _snapshot(runner.host_results)
+    for c in runner.contenders():       # what the timing does after the check
+        c.fn()
+    runner.memory()
+    after = runner.host_results
+    for a, b in ((after[0], before[0]), (after[1], before[1])):
+        np.testing.assert_array_equal(a, b)
+    for k in before[2]:
+        np.testing.assert_array_equal(after[2][k], before[2][k], err_msg=f"grad {k} changed")
+    # and the snapshot owns its memory: no view of the model's arrays
+    for k, g in runner.lstm.grads.items():
+        assert not np.shares_memory(after[2][k], g), k
+
+
+class _SecondNumpy(NumpyBackend):
+    """NumPy under the name 'cupy': the bench compares it against the NumPy backend's results,
+    the path ``--backends numpy,cupy`` takes on a GPU machine (no torch on this 'device')."""
+    name = "cupy"
+
+
+def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
+    """The second backend of a cell is checked against what the first computed in its check;
+    with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
+    step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
+                     "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                     "--no-memory", "--out", str(tmp_path), "--name", "two"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "two.json").read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("numpy", "ok"), ("cupy", "ok")]
+    assert rows[1]["check_max_rel_err"] < bench.TOLERANCE["float32"]
+    assert rows[1]["speedup_vs_numpy"] > 0
+
+
+def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
+    """benchmarks/embedding_grad.py (sort vs one-hot on the GPU) runs here on a tiny grid."""
+    mod = _load_script("embedding_grad.py")
+    assert mod.main(["--backend", "numpy", "--repeat", "2", "--vocab", "5,300", "--tokens", "64",
+                     "--dims", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "embedding_grad.json").read_text())["rows"]
+    assert {(r["V"], r["method"]) for r in rows} == {(v, m) for v in (5, 300) for m in mod.METHODS}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["max_abs_err_f64"] < 1e-12 and r["bitwise_repeatable"]
+    assert (tmp_path / "embedding_grad.csv").exists()
+
+
+def _load_script(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_readme_is_built_from_a_two_backend_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_readme.py turns what gpu_check.sh leaves (here: a real two-backend run on
+    the CPU, the second NumPy labelled 'cupy') into the README table; missing parts say so."""
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    assert bench.main(["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", "--no-torch", "--out", str(tmp_path), "--name", "gpu"]) == 0
+    (tmp_path / "pytest_gpu.txt").write_text("....\n4 passed in 1.00s\n")
+    gr = _load_script("gpu_readme.py")
+    assert gr.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    for T in (3, 4):
+        n = next(r for r in rows if r["backend"] == "numpy" and r["T"] == T)
+        c = next(r for r in rows if r["backend"] == "cupy" and r["T"] == T)
+        line = next(s for s in text.splitlines() if s.startswith(f"| 1 | 8 | {T} | 2 |"))
+        assert gr._fmt(n["step_ms"]) in line and gr._fmt(c["step_ms"]) in line
+        sp = n["step_ms"] / c["step_ms"]
+        assert (f"{sp:.1f}x" in line) if sp >= 1 else ("CuPy slower" in line)
+    assert "`4 passed in 1.00s`" in text
+    assert "machine.txt missing" in text and "embedding_grad.json missing (not measured)" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="gpu.json is missing"):
+        gr.build(str(empty))
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh gets one run on a scarce GPU: at least its shell syntax is checked here."""
+    import os
+    import subprocess
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

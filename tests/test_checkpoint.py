@@ -123,3 +123,31 @@ def test_arrays_are_read_without_pickle(tmp_path):
     open(mpath, "w").write(json.dumps(meta))
     with pytest.raises(CheckpointError, match="unreadable"):
         checkpoint.load(p)
+
+
+def test_checkpoint_arrays_are_snapshots_of_the_training_state():
+    """What train saves (parameters, Adam's buffers, the carried LSTM state) owns its memory:
+    a step taken while the checkpoint is being written cannot change it (issue 9's aliasing
+    class: on NumPy ``to_numpy`` is the live buffer)."""
+    from xlstm import train
+    from xlstm.losses import cross_entropy
+    from xlstm.optim import Adam
+
+    cfg = dict(train.DEFAULTS, hidden=6, embed=3, seed=0, dtype="float64")
+    model = train.build_model(cfg, 5, "numpy")
+    opt = Adam(model, lr=0.1)
+    ids = np.random.default_rng(0).integers(0, 5, (4, 2))
+
+    def step():
+        model.zero_grad()
+        logits = model.forward(ids, state=model.last_state)
+        model.backward(cross_entropy(logits, ids)[1])
+        opt.step()
+        return model.last_state
+
+    carry = step()
+    arrays = train._state_arrays(model, opt, carry)
+    live = list(model.params.values()) + list(model.grads.values()) + list(carry)
+    live += [a for st in opt.state.values() for a in st.values()]
+    for k, v in arrays.items():
+        assert not any(np.shares_memory(v, a) for a in live), k

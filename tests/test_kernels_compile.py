@@ -8,9 +8,11 @@ must run in CI; see ``test_at_least_one_compiler``):
   NVRTC library (pip: ``cupy-cuda13x`` and ``nvidia-cuda-nvrtc``), no driver or device.
 * ``nvcc -ptx`` on the source files as they lie in the package (``-I`` to the kernel folder).
 
-Each PTX must contain a ``.entry`` for every kernel name of ``xlstm.kernels.entry_names()``.
-Where nvcc exists, ptxas also assembles every kernel to a cubin for sm_80 and sm_90 and its
-resource report is checked (no register spills; registers fit the backend's 256-thread blocks).
+Every source of ``xlstm.kernels.SOURCES`` (the per-step kernels and the persistent ones) is
+compiled on its own, as the backend loads each into its own module. Each PTX must contain a
+``.entry`` for every kernel name of ``xlstm.kernels.entry_names(source)``. Where nvcc exists,
+ptxas also assembles every kernel to a cubin for sm_80 and sm_90 and its resource report is
+checked (no register spills; registers fit the backend's largest block for that source).
 """
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ import subprocess
 
 import pytest
 
-from xlstm.kernels import KERNELS_DIR, entry_names, kernel_path, kernel_source
+from xlstm.backends.persistent import MAX_THREADS
+from xlstm.kernels import KERNELS_DIR, MAIN_SOURCE, PERSISTENT_SOURCE, SOURCES, entry_names, kernel_path, \
+    kernel_source
 
 ARCHS = ("80", "90")
 # The options CupyBackend passes to RawModule (plus the architecture).
 OPTIONS = ("-std=c++17",)
+# The largest block the backend launches per source (the register check's thread count).
+MAX_BLOCK = {MAIN_SOURCE: 256, PERSISTENT_SOURCE: MAX_THREADS}
 
 
 def _nvrtc():
@@ -49,9 +55,9 @@ def _nvcc():
     return nvcc, None
 
 
-def compile_nvrtc(nvrtc, arch: str) -> str:
-    src = kernel_source()
-    prog = nvrtc.createProgram(src, "lstm_kernels.cu", (), ())
+def compile_nvrtc(nvrtc, arch: str, source: str = MAIN_SOURCE) -> str:
+    src = kernel_source(source)
+    prog = nvrtc.createProgram(src, source, (), ())
     try:
         try:
             nvrtc.compileProgram(prog, OPTIONS + (f"-arch=compute_{arch}",))
@@ -66,53 +72,56 @@ def compile_nvrtc(nvrtc, arch: str) -> str:
     return ptx.rstrip("\x00")
 
 
-def compile_nvcc(nvcc, arch: str, tmp_path) -> str:
-    out = tmp_path / f"lstm_kernels_sm{arch}.ptx"
+def compile_nvcc(nvcc, arch: str, tmp_path, source: str = MAIN_SOURCE) -> str:
+    out = tmp_path / f"{source}_sm{arch}.ptx"
     cmd = [nvcc, "-std=c++17", "-ptx", f"-arch=sm_{arch}", "-Werror", "all-warnings",
-           f"-I{KERNELS_DIR}", str(kernel_path()), "-o", str(out)]
+           f"-I{KERNELS_DIR}", str(kernel_path(source)), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{res.stderr}"
     return out.read_text()
 
 
-def check_ptx(ptx: str, arch: str, compiler: str) -> None:
+def check_ptx(ptx: str, arch: str, compiler: str, source: str = MAIN_SOURCE) -> None:
     m = re.search(r"^\s*\.target\s+(\S+)", ptx, re.MULTILINE)
     assert m and m.group(1).startswith(f"sm_{arch}"), f"{compiler}: PTX .target is {m and m.group(1)}"
     entries = set(re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", ptx))
-    missing = [n for n in entry_names() if n not in entries]
+    missing = [n for n in entry_names(source) if n not in entries]
     assert not missing, f"{compiler} sm_{arch}: no .entry for {missing} (found {sorted(entries)})"
     # -use_fast_math would turn tanh into tanh.approx (~1e-3 relative): the tests' 1e-5
     # float32 tolerance relies on the accurate libdevice tanh
     assert "tanh.approx" not in ptx, f"{compiler} sm_{arch}: approximate tanh in the PTX"
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_nvrtc_ptx(arch):
+def test_nvrtc_ptx(arch, source):
     nvrtc, why = _nvrtc()
     if nvrtc is None:
         pytest.skip(why)
-    check_ptx(compile_nvrtc(nvrtc, arch), arch, "NVRTC")
+    check_ptx(compile_nvrtc(nvrtc, arch, source), arch, "NVRTC", source)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_nvcc_ptx(arch, tmp_path):
+def test_nvcc_ptx(arch, source, tmp_path):
     nvcc, why = _nvcc()
     if nvcc is None:
         pytest.skip(why)
-    check_ptx(compile_nvcc(nvcc, arch, tmp_path), arch, "nvcc")
+    check_ptx(compile_nvcc(nvcc, arch, tmp_path, source), arch, "nvcc", source)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_nvcc_cubin_resources(arch, tmp_path):
+def test_nvcc_cubin_resources(arch, source, tmp_path):
     """ptxas assembles every kernel for the real architecture, without spills, and each fits
-    the backend's launches (256 threads a block: at most 255 registers a thread, and 256 x regs
-    within the 64K-register file of an SM)."""
+    the backend's launches (MAX_BLOCK threads a block: MAX_BLOCK x regs within the 64K-register
+    file of an SM)."""
     nvcc, why = _nvcc()
     if nvcc is None:
         pytest.skip(why)
-    out = tmp_path / f"lstm_kernels_sm{arch}.cubin"
+    out = tmp_path / f"{source}_sm{arch}.cubin"
     cmd = [nvcc, "-std=c++17", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", f"-I{KERNELS_DIR}",
-           str(kernel_path()), "-o", str(out)]
+           str(kernel_path(source)), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"nvcc -cubin failed:\n{' '.join(cmd)}\n{res.stderr}"
     info = {}
@@ -128,10 +137,11 @@ def test_nvcc_cubin_resources(arch, tmp_path):
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             info.setdefault(name, {})["regs"] = int(m.group(1))
-    assert set(entry_names()) <= set(info), f"ptxas reported {sorted(info)}"
+    assert set(entry_names(source)) <= set(info), f"ptxas reported {sorted(info)}"
+    nt = MAX_BLOCK[source]
     for k, v in info.items():
         assert v.get("spill", 0) == 0, f"{k} sm_{arch}: {v['spill']} bytes of register spills"
-        assert v["regs"] * 256 <= 65536, f"{k} sm_{arch}: {v['regs']} registers do not fit 256 threads"
+        assert v["regs"] * nt <= 65536, f"{k} sm_{arch}: {v['regs']} registers do not fit {nt} threads"
 
 
 def test_at_least_one_compiler():
@@ -151,3 +161,7 @@ def test_inlined_source_is_self_contained():
     for header in ("lstm_pointwise.cuh", "precision.cuh"):       # each pasted in exactly once
         assert f'#include "{header}"' not in src
         assert src.count(f"// ---- begin {header} ----") == 1
+    assert src.count("namespace xlstm {") == 2      # one per header: lstm_pointwise.cuh, precision.cuh
+    psrc = kernel_source(PERSISTENT_SOURCE)
+    assert '#include "lstm_persistent.cuh"' not in psrc and '#include "lstm_pointwise.cuh"' not in psrc
+    assert "persistent_forward_partial" in psrc and "forward_element" in psrc

@@ -5,7 +5,7 @@ import pytest
 from xlstm.backends import available_backends
 from xlstm.errors import InputError, StateError
 from xlstm.gradcheck import numerical_gradient
-from xlstm.layers import Dense, Embedding, Sequential
+from xlstm.layers import SCATTER_METHODS, Dense, Embedding, Sequential, scatter_add_rows
 from xlstm.module import Module
 
 
@@ -135,9 +135,10 @@ def test_embedding_init_standard_normal_seeded():
     np.testing.assert_array_equal(E, Embedding(300, 40, seed=0, backend="numpy").params["E"])
 
 
-def test_embedding_gradcheck_repeated_ids():
+@pytest.mark.parametrize("method", SCATTER_METHODS)
+def test_embedding_gradcheck_repeated_ids(method):
     rng = np.random.default_rng(3)
-    e = Embedding(5, 3, dtype="float64", seed=2, backend="numpy")
+    e = Embedding(5, 3, dtype="float64", seed=2, backend="numpy", grad_method=method)
     ids = np.array([[1, 3, 1], [0, 1, 3]])                # 1 three times, 3 twice, 2 and 4 never
     R = rng.standard_normal((2, 3, 3))
 
@@ -149,6 +150,96 @@ def test_embedding_gradcheck_repeated_ids():
     assert_grad(e.grads["E"], numgrad(loss, e.params["E"]))
     np.testing.assert_allclose(e.grads["E"][1], R[0, 0] + R[0, 2] + R[1, 1], rtol=1e-12)
     assert not np.any(e.grads["E"][[2, 4]])
+
+
+def _ids_with_runs(rng, V, N):
+    """Random ids in [0, V) where id 0 fills a third of the positions (a long segment, as a
+    space in text) and the rest are uniform."""
+    ids = rng.integers(0, V, N)
+    ids[: N // 3] = 0
+    return rng.permutation(ids)
+
+
+@pytest.mark.parametrize("method", ["sort", "onehot"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("V,N,dim", [(1, 1, 1), (1, 7, 2), (3, 1, 4), (5, 37, 3), (7, 100, 5), (200, 64, 8),
+                                     (65, 1000, 16)])
+def test_scatter_add_rows_matches_np_add_at(method, dtype, V, N, dim):
+    """Both deterministic ways equal np.add.at (sequential, the definition) up to the order of
+    the additions, accumulate into what ``out`` held, and leave ids and rows as they were."""
+    rng = np.random.default_rng(V * 1000 + N)
+    ids = _ids_with_runs(rng, V, N)
+    rows = rng.standard_normal((N, dim)).astype(dtype)
+    out0 = rng.standard_normal((V, dim)).astype(dtype)
+    ref = out0.astype(np.float64)
+    np.add.at(ref, ids, rows.astype(np.float64))
+    out = out0.copy()
+    ids_in, rows_in = ids.copy(), rows.copy()
+    scatter_add_rows(np, out, ids, rows, method)
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(out, ref, rtol=1e-12 if dtype == "float64" else 2e-5,
+                               atol=1e-12 if dtype == "float64" else 2e-5 * np.sqrt(N))
+    np.testing.assert_array_equal(ids, ids_in)
+    np.testing.assert_array_equal(rows, rows_in)
+    again = out0.copy()
+    scatter_add_rows(np, again, ids, rows, method)
+    np.testing.assert_array_equal(again, out)             # same input, same bits
+
+
+def test_scatter_add_rows_sort_sums_a_segment_exactly_when_exact():
+    """Integer-valued rows: any order of the additions is exact, so the segment sums must be
+    exactly the counts-weighted sums; a missed scan pass (segment longer than a power of two)
+    or a row added twice shows up as a wrong integer."""
+    rng = np.random.default_rng(0)
+    for N in (1, 2, 3, 5, 8, 9, 16, 17, 33, 100, 257):
+        ids = np.sort(rng.integers(0, 4, N))[::-1].copy()   # long runs, unsorted order
+        rows = rng.integers(-5, 6, (N, 3)).astype(np.float64)
+        ref = np.zeros((4, 3))
+        np.add.at(ref, ids, rows)
+        for method in ("sort", "onehot"):
+            out = np.zeros((4, 3))
+            scatter_add_rows(np, out, ids, rows, method)
+            np.testing.assert_array_equal(out, ref, err_msg=f"{method} N={N}")
+
+
+@pytest.mark.parametrize("method", ["sort", "onehot"])
+@pytest.mark.parametrize("idtype", ["uint8", "int16", "int32", "uint64"])
+def test_scatter_add_rows_any_integer_ids(method, idtype):
+    """Small id dtypes with a vocabulary past their range of the other: V = 300 > 255."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, min(300, np.iinfo(idtype).max), 50).astype(idtype)
+    rows = rng.standard_normal((50, 2))
+    ref = np.zeros((300, 2))
+    np.add.at(ref, ids, rows)
+    out = np.zeros((300, 2))
+    scatter_add_rows(np, out, ids, rows, method)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_add_rows_empty_and_bad_method():
+    out = np.ones((3, 2))
+    for method in SCATTER_METHODS:
+        scatter_add_rows(np, out, np.zeros(0, np.int64), np.zeros((0, 2)), method)
+    np.testing.assert_array_equal(out, 1.0)
+    with pytest.raises(InputError, match="method"):
+        scatter_add_rows(np, out, np.zeros(1, np.int64), np.zeros((1, 2)), "atomic")
+    with pytest.raises(InputError, match="grad_method"):
+        Embedding(3, 2, grad_method="add.at")
+
+
+@pytest.mark.parametrize("method", SCATTER_METHODS)
+def test_embedding_grad_against_torch(method):
+    """The embedding gradient equals torch.nn.functional.embedding's (float64, repeated ids)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    e = Embedding(11, 6, dtype="float64", seed=1, backend="numpy", grad_method=method)
+    ids = _ids_with_runs(rng, 11, 60).reshape(12, 5)
+    dy = rng.standard_normal((12, 5, 6))
+    e.forward(ids)
+    e.backward(dy)
+    E = torch.tensor(e.params["E"], requires_grad=True)
+    torch.nn.functional.embedding(torch.from_numpy(ids), E).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(e.grads["E"], E.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_embedding_bad_ids():

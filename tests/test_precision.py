@@ -329,63 +329,20 @@ def test_bf16_model_equals_an_independent_torch_implementation():
 
 
 # =============================================================================================
-# 5. The CuPy path's cublasGemmEx calls, against a host stand-in of gemmEx
+# 5. The CuPy path's cublasGemmEx calls, against a stand-in of nvmath's cuBLAS binding whose
+#    gemm_ex computes the column-major contract on the raw pointers (tests/test_cupy_backend.py)
 # =============================================================================================
-def _host_matrix(ptr, dtype_code, rows, cols, ld):
-    """The column-major rows x cols matrix at ``ptr`` (leading dimension ld) as float32."""
-    dt = {P_CUDA_R_32F: np.float32, P_CUDA_R_16BF: np.uint16}[dtype_code]
-    n = ld * (cols - 1) + rows
-    buf = np.ctypeslib.as_array((ctypes.c_char * (n * np.dtype(dt).itemsize)).from_address(ptr))
-    a = np.frombuffer(buf, dt)
-    if dt == np.uint16:
-        a = (a.astype(np.uint32) << 16).view(np.float32)
-    return np.lib.stride_tricks.as_strided(a, (rows, cols), (a.itemsize, ld * a.itemsize)).copy()
-
-
-from xlstm.backends import cupy_gemm as CG  # noqa: E402  (constants for the stand-in)
-
-P_CUDA_R_32F, P_CUDA_R_16BF = CG.CUDA_R_32F, CG.CUDA_R_16BF
-
-
-def make_host_cublas(calls):
-    """A stand-in of cupy_backends.cuda.libs.cublas: gemmEx computed on the host from the raw
-    pointers, column-major, as cuBLAS defines it (TF32 compute rounds to nearest even)."""
-    def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
-               compute, algo):
-        calls.append(dict(transa=transa, transb=transb, m=m, n=n, k=k, Atype=Atype, Btype=Btype,
-                          Ctype=Ctype, compute=compute))
-        assert Ctype == CG.CUDA_R_32F and Atype == Btype and algo == CG.CUBLAS_GEMM_DEFAULT
-        assert compute == (CG.CUBLAS_COMPUTE_32F_FAST_TF32 if Atype == CG.CUDA_R_32F else CG.CUBLAS_COMPUTE_32F)
-        opA = _host_matrix(A, Atype, *((m, k) if transa == CG.CUBLAS_OP_N else (k, m)), lda)
-        opB = _host_matrix(B, Btype, *((k, n) if transb == CG.CUBLAS_OP_N else (n, k)), ldb)
-        opA = opA if transa == CG.CUBLAS_OP_N else opA.T
-        opB = opB if transb == CG.CUBLAS_OP_N else opB.T
-        if compute == CG.CUBLAS_COMPUTE_32F_FAST_TF32:
-            opA, opB = P.round_tf32(opA), P.round_tf32(opB)
-        al = np.frombuffer((ctypes.c_float * 1).from_address(alpha), np.float32)[0]
-        be = np.frombuffer((ctypes.c_float * 1).from_address(beta), np.float32)[0]
-        Cv = _host_matrix(C, CG.CUDA_R_32F, m, n, ldc)
-        res = (al * (opA.astype(np.float64) @ opB) + (be * Cv if be != 0 else 0)).astype(np.float32)
-        out = np.ctypeslib.as_array((ctypes.c_float * (ldc * (n - 1) + m)).from_address(C))
-        np.lib.stride_tricks.as_strided(out, (m, n), (4, ldc * 4))[...] = res
-
-    return types.SimpleNamespace(gemmEx=gemmEx, getPointerMode=lambda h: CG.CUBLAS_POINTER_MODE_HOST,
-                                 setPointerMode=lambda h, m: None, setStream=lambda h, s: calls.append(("stream", s)))
-
-
 @pytest.fixture
 def host_cupy(host_lib, monkeypatch):
-    """CupyBackend on a stand-in cupy (NumPy arrays, host kernels) with the host gemmEx."""
+    """CupyBackend on a stand-in cupy (NumPy arrays, host kernels) and stand-in nvmath cuBLAS,
+    CUDA graphs off (the eager loop; the graph tests are below)."""
     import test_cupy_backend as tcb
     from xlstm.backends.cupy_backend import CupyBackend
 
-    fake = tcb.make_fake_cupy(host_lib)
-    fake.module.cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 0)
-    fake.module.cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None)
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    calls = []
-    monkeypatch.setattr(CG, "_cublas", lambda: make_host_cublas(calls))
-    return CupyBackend(), fake, calls
+    fake = tcb.install_fakes(host_lib, monkeypatch, nvmath=True)
+    be = CupyBackend()
+    be.cuda_graphs = False
+    return be, fake, fake.gemm_ex_calls
 
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
@@ -408,10 +365,9 @@ def test_cupy_gemmex_layouts_match_numpy_emulation(host_cupy, mode):
     be.matmul_add(a, b, wide[:, ::2], mode)
     np.testing.assert_allclose(wide[:, ::2], 1 + want, rtol=2e-6, atol=1e-6)
     assert (wide[:, 1::2] == 1).all()
-    t = CG.CUDA_R_16BF if mode == "bf16" else CG.CUDA_R_32F
-    gemms = [c for c in calls if isinstance(c, dict)]
-    assert gemms and all(c["Atype"] == t for c in gemms)
-    assert calls.count(("stream", 0)) == len(gemms)          # each call on the current stream
+    t = 14 if mode == "bf16" else 0                  # CUDA_R_16BF, CUDA_R_32F (library_types.h)
+    assert calls and all(c["Atype"] == t for c in calls)
+    assert all(c["stream"] == fake.current.ptr for c in calls)   # each call on the current stream
     if mode == "bf16":      # operands cast by the kernel, weights once
         assert "f32_to_bf16" in fake.launches
 

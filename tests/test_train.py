@@ -17,16 +17,6 @@ TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--
         "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "value", "None", "if", "else", "for", "in", "x", "y"]
-    lines = [" ".join(rng.choice(words, 6)) + ":" for _ in range(120)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
 def xlstm(*argv, check=None, **kw):
     env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "xlstm", *map(str, argv)], capture_output=True, text=True,
@@ -82,23 +72,29 @@ def test_interrupt_and_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path)
     assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
-    run = tmp_path / "run"
+def ctrl_c_train(run, *argv, lines=3, timeout=60):
+    """Start ``xlstm train *argv --out run``, press Ctrl-C once ``lines`` metrics are written
+    (or when it ends first); returns (exit code, stdout, stderr)."""
     env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "100000",
-                          "--save-every", "100000", "--out", str(run)],
+    p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", *map(str, argv), "--out", str(run)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if os.path.exists(run / "metrics.jsonl") and len(open(run / "metrics.jsonl").readlines()) >= 3:
+        deadline = time.time() + timeout
+        while time.time() < deadline and p.poll() is None:
+            if os.path.exists(run / "metrics.jsonl") and len(open(run / "metrics.jsonl").readlines()) >= lines:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=timeout)
     finally:
         p.kill()
-    assert p.returncode == 130, out + err
+    return p.returncode, out, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = ctrl_c_train(run, "--text", corpus, *TINY, "--steps", "100000", "--save-every", "100000")
+    assert rc == 130, out + err
     assert "Traceback" not in err and "checkpoint saved" in out
     step = checkpoint.checkpoint_step(checkpoint.list_checkpoints(str(run))[0])
     assert step >= 3
@@ -269,3 +265,62 @@ def test_backend_cupy_without_a_gpu(capsys, corpus, tmp_path):
     assert code == 2 and "cupy" in err and "numpy" in err
     code, err = run_cli(capsys, "sample", tmp_path, "--backend", "cupy")
     assert code == 2 and "cupy" in err
+
+
+# -- the same on the GPU (issue 9): determinism and exact resume with --backend cupy ------------------
+def _gpu_opts(corpus, steps, *extra):
+    return ["--backend", "cupy", "--text", corpus, "--max-chars", "1200", *TINY, "--steps", steps, *extra]
+
+
+def _assert_same_run(a, b, steps):
+    la, lb = records(a), records(b)
+    assert [x["step"] for x in lb] == list(range(1, steps + 1))
+    for key in ("loss", "grad_norm"):                                   # exact float equality
+        assert [x[key] for x in la] == [x[key] for x in lb], key
+    assert [x["loss"] for x in records(a, "val")] == [x["loss"] for x in records(b, "val")]
+    pa, pb = _params(a / f"ckpt-{steps:06d}"), _params(b / f"ckpt-{steps:06d}")
+    assert pa.keys() == pb.keys()
+    differ = [k for k in pa if not np.array_equal(pa[k], pb[k])]
+    assert not differ, f"parameters differ bitwise: {differ}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--layer-norm", "--zoneout", "0.1", "--dropout", "0.1"]],
+                         ids=["plain", "layernorm-dropout-zoneout"])
+def test_gpu_two_runs_with_one_seed_are_bitwise_equal(corpus, tmp_path, extra):
+    """On the device every gradient is summed in a fixed order (no atomics: the embedding's
+    scatter-add was the culprit), so one seed gives one run, bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        r = xlstm("train", *_gpu_opts(corpus, 40, *extra), "--out", run, check=0)
+        assert "backend cupy" in r.stdout
+    _assert_same_run(a, b, 40)
+
+
+@pytest.mark.gpu
+def test_gpu_interrupt_and_resume_equals_uninterrupted_bit_for_bit(corpus, tmp_path):
+    """As test_interrupt_and_resume_equals_uninterrupted_bit_for_bit, on the GPU."""
+    opts = _gpu_opts(corpus, 30, "--save-every", "4", "--zoneout", "0.1", "--dropout", "0.1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    xlstm("train", *opts, "--out", a, check=0)
+    r = xlstm("train", *opts, "--out", b, "--stop-after", "7", check=130)
+    assert "interrupted at step 7" in r.stdout
+    xlstm("train", "--resume", b, "--backend", "cupy", "--no-progress", "--stop-after", "25", check=130)
+    xlstm("train", "--resume", b, "--backend", "cupy", "--no-progress", check=0)
+    _assert_same_run(a, b, 30)
+
+
+@pytest.mark.gpu
+def test_gpu_ctrl_c_then_resume_equals_uninterrupted(corpus, tmp_path):
+    """A real SIGINT in the middle of a GPU run, then --resume: the same losses and parameters
+    as the run that was never interrupted."""
+    steps = 300
+    opts = _gpu_opts(corpus, steps, "--save-every", "100000")
+    a, b = tmp_path / "a", tmp_path / "b"
+    xlstm("train", *opts, "--out", a, check=0)
+    rc, out, err = ctrl_c_train(b, *opts, lines=5, timeout=120)
+    assert rc == 130, "the run was not interrupted (finished first?): " + out + err
+    step = checkpoint.checkpoint_step(checkpoint.list_checkpoints(str(b))[0])
+    assert 5 <= step < steps
+    xlstm("train", "--resume", b, "--backend", "cupy", "--no-progress", check=0)
+    _assert_same_run(a, b, steps)

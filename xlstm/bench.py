@@ -65,7 +65,8 @@ COLUMNS = [
     "floor_fwd_ms", "floor_step_ms", "fwd_over_floor", "step_over_floor",
     "torch_fwd_ms", "torch_step_ms", "fwd_over_torch", "step_over_torch",
     "speedup_vs_numpy", "peak_mem_mb", "alloc_peak_mb", "torch_peak_mem_mb",
-    "check_max_rel_err", "repeats", "cell_seconds", "foreign_cpu_load", "note",
+    "check_max_rel_err", "repeats", "cell_seconds", "foreign_cpu_load",
+    "cuda_graphs", "first_step_ms", "graph_capture_s", "graph_mb", "pool_growth_mb", "note",
 ]
 
 
@@ -261,6 +262,27 @@ def cupy_pool_peak_mb(backend, fn) -> float:
     return (peak[0] - base) / 2 ** 20
 
 
+def cupy_first_call(backend, fn) -> dict:
+    """The first call of a cell on CuPy (where CUDA graphs are captured) against what it left:
+    first_step_ms (host wall time, synchronised), graph_capture_s (host time capturing),
+    graph_mb (buffers the new graphs own), pool_growth_mb (CuPy pool bytes in use after - before)."""
+    pool = backend.xp.get_default_memory_pool()
+    graphs = getattr(backend, "graphs", None)
+    active = bool(getattr(backend, "graphs_active", lambda: False)())
+    before = graphs.stats() if graphs is not None else None
+    backend.synchronize()
+    used = pool.used_bytes()
+    t0 = time.perf_counter()
+    fn()
+    out = dict(cuda_graphs="on" if active else "off", first_step_ms=(time.perf_counter() - t0) * 1e3,
+               pool_growth_mb=(pool.used_bytes() - used) / 2 ** 20)
+    if graphs is not None:
+        after = graphs.stats()
+        out.update(graph_capture_s=after["capture_seconds"] - before["capture_seconds"],
+                   graph_mb=(after["bytes"] - before["bytes"]) / 2 ** 20)
+    return out
+
+
 # -- the GEMM floor ---------------------------------------------------------------------------
 class GemmFloor:
     """The GEMMs of one training step of the layer, alone, with the layer's operand layouts.
@@ -449,25 +471,29 @@ class CellRunner:
         self.x = backend.asarray(self.x_host)
         self.dy = backend.asarray(self.dy_host)
         self.tdevice = "cuda" if backend.name == "cupy" else "cpu"
-        if self.torch is not None and self.tdevice == "cuda" and not self.torch.cuda.is_available():
-            self.torch = None
-        if self.torch is not None:
-            tt = self.torch
-            if self.tdevice == "cuda":
-                # the same precision on both sides: float32 turns TF32 tensor cores off (they
-                # would fail the 2e-3 check at long T); --precision tf32 turns them on; bf16 runs
-                # torch under autocast(bfloat16) (see _autocast)
-                tt.backends.cudnn.allow_tf32 = precision == "tf32"
-                tt.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-            tt.manual_seed(seed)
-            tdtype = getattr(tt, dtype)
-            self.tlstm = tt.nn.LSTM(D, H, num_layers=L).to(device=self.tdevice, dtype=tdtype)
-            self.lstm = interop.from_torch(self.tlstm, dtype=dtype, backend=backend)
-            self.tx = tt.from_numpy(self.x_host).to(self.tdevice).requires_grad_(True)
-            self.tdy = tt.from_numpy(self.dy_host).to(self.tdevice)
-        else:
+        if self.torch is None:
             self.lstm = xlstm.LSTM(D, H, num_layers=L, forget_bias=0.0, dtype=dtype, seed=seed,
                                    backend=backend)
+        else:
+            tt = self.torch
+            # the weights come from torch's CPU initialisation whether or not torch can run on
+            # this backend's device: every backend of a cell must get the same model, or the
+            # check of CuPy against NumPy compares two different networks
+            tt.manual_seed(seed)
+            tlstm = tt.nn.LSTM(D, H, num_layers=L).to(dtype=getattr(tt, dtype))
+            self.lstm = interop.from_torch(tlstm, dtype=dtype, backend=backend)
+            if self.tdevice == "cuda" and not tt.cuda.is_available():
+                self.torch = None               # nothing to time torch against on this device
+            else:
+                if self.tdevice == "cuda":
+                    # the same precision on both sides: float32 turns TF32 tensor cores off (they
+                    # would fail the 2e-3 check at long T); --precision tf32 turns them on; bf16
+                    # runs torch under autocast(bfloat16) (see _autocast)
+                    tt.backends.cudnn.allow_tf32 = precision == "tf32"
+                    tt.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+                self.tlstm = tlstm.to(device=self.tdevice)
+                self.tx = tt.from_numpy(self.x_host).to(self.tdevice).requires_grad_(True)
+                self.tdy = tt.from_numpy(self.dy_host).to(self.tdevice)
         self.lstm.precision = precision
         self.floor = GemmFloor(xp, T, B, D, H, L, np.dtype(dtype), seed=seed, backend=backend, precision=precision)
 
@@ -516,14 +542,18 @@ class CellRunner:
 
     # -- correctness before timing --------------------------------------------------------
     def run_once(self):
-        """One forward+backward from zero grads; returns host (y, dx, grads)."""
+        """One forward+backward from zero grads; returns host copies (y, dx, grads).
+
+        Copies, because the timing runs that follow keep accumulating into ``lstm.grads``: on
+        NumPy a plain ``to_numpy`` would be that very buffer, and the CuPy cell compared against
+        it would see the sum of every timed step (issue 9)."""
         be = self.backend
         self.lstm.zero_grad()
         y, _ = self.lstm.forward(self.x)
         dx, _ = self.lstm.backward(self.dy)
         be.synchronize()
-        grads = {k: be.to_numpy(v) for k, v in self.lstm.grads.items()}
-        return be.to_numpy(y), be.to_numpy(dx), grads
+        grads = {k: be.to_numpy(v, copy=True) for k, v in self.lstm.grads.items()}
+        return be.to_numpy(y, copy=True), be.to_numpy(dx, copy=True), grads
 
     def check(self, other=None) -> float:
         """Max relative error against torch (or the float64 reference) and ``other`` (host results)."""
@@ -697,6 +727,8 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
+    if getattr(backend, "graphs", None) is not None:  # CuPy, before anything else: the capture, if any
+        row.update(cupy_first_call(backend, runner.xlstm_step))
     row["check_max_rel_err"] = runner.check(other)   # also the first warm-up of both models
     t0 = time.perf_counter()
     runner.xlstm_step()
@@ -770,6 +802,9 @@ def format_table(rows) -> str:
                     f"{_fmt(r.get('alloc_peak_mb'), 1):>8}")
             if (r.get("foreign_cpu_load") or 0) > 0.25:
                 line += f"  (other load {r['foreign_cpu_load']:.1f} cores)"
+            if r.get("first_step_ms") is not None:     # cupy: first call (capture) vs steady state
+                line += (f"  (graphs {r.get('cuda_graphs')}: first step {_fmt(r['first_step_ms'])} ms, "
+                         f"graphs {_fmt(r.get('graph_mb'), 1)} MB, pool +{_fmt(r.get('pool_growth_mb'), 1)} MB)")
             if has_speedup:
                 line += f" | {_fmt(r.get('speedup_vs_numpy'), 1):>8}"
             lines.append(line)
@@ -915,6 +950,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
+                        help="CuPy: replay each layer's time loop as a CUDA graph (on) or run it eagerly "
+                             "(off); default: the backend's setting (XLSTM_CUDA_GRAPHS, on)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for NumPy's BLAS (via threadpoolctl) and torch; default: leave as is")
     parser.add_argument("--repeat", type=int, default=None, help="at most this many timed calls per contender and cell")
@@ -932,6 +970,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for the whole run; cells that would not fit are skipped (default 840, quick 45)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--persistent", choices=("auto", "on", "off"), default=None,
+                        help="CuPy: force the persistent kernels (on), the per-step kernels (off), or "
+                             "let the crossover table pick (auto); default XLSTM_PERSISTENT, else auto")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for JSON/CSV/PNG")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
@@ -989,6 +1030,11 @@ def run(args) -> int:
     args.max_cell_seconds = args.max_cell_seconds or (20.0 if quick else 150.0)
     args.budget = args.budget or (45.0 if quick else 840.0)
     backends = _resolve_backends(args.backends)
+    for be in backends:
+        if args.cuda_graphs is not None and hasattr(be, "cuda_graphs"):
+            be.cuda_graphs = args.cuda_graphs == "on"
+        if args.persistent is not None and hasattr(be, "persistent"):
+            be.persistent = args.persistent
     torch = None if args.no_torch else _try_import_torch()
     limiter = _apply_threads(args.threads, torch)
     cells = [Cell(H, T, B, L) for B in args.batch for L in layers for H in hidden for T in seqs]
@@ -997,7 +1043,10 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "precision": args.precision, "input_size": "= H", "timing": "medians of interleaved rounds after warm-up, "
+            "dtype": args.dtype, "precision": args.precision, "input_size": "= H",
+            "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
+            "persistent": args.persistent,
+            "timing": "medians of interleaved rounds after warm-up, "
             "GPU synchronised after every call (perf_counter)"}
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "
           f"{args.dtype}, precision {args.precision}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "

@@ -87,12 +87,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # `train --nproc` passes it on to torchrun
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
     except XlstmError as e:
         print(f"xlstm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)       # 2: bad input; a failure of another process: 1
     except KeyboardInterrupt:
         print(f"xlstm {args.command}: interrupted", file=sys.stderr)
         return 130

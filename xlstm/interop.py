@@ -65,9 +65,10 @@ def to_torch_state_dict(lstm: LSTM, grads: bool = False) -> dict:
     for k in range(lstm.num_layers):
         for d in range(lstm.num_directions):
             t, p = _torch_name(k, d), lstm.prefix(k, d)
-            b = np.array(be.to_numpy(src[p + "b"]))
-            out[f"weight_ih_{t}"] = np.ascontiguousarray(be.to_numpy(src[p + "W"]).T)
-            out[f"weight_hh_{t}"] = np.ascontiguousarray(be.to_numpy(src[p + "U"]).T)
+            b = be.to_numpy(src[p + "b"], copy=True)
+            # copies: ascontiguousarray(W.T) is a view of W when D or H is 1
+            out[f"weight_ih_{t}"] = np.array(be.to_numpy(src[p + "W"]).T, order="C")
+            out[f"weight_hh_{t}"] = np.array(be.to_numpy(src[p + "U"]).T, order="C")
             out[f"bias_ih_{t}"] = b
             if grads:
                 out[f"bias_hh_{t}"] = b.copy()

@@ -28,6 +28,7 @@ reverse direction reads each sequence backwards within its own length.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -261,11 +262,26 @@ class LSTM(Module):
         cs = xp.empty((T + 1, B, H), self.dtype)
         hs[0] = 0 if h0 is None else h0
         cs[0] = 0 if c0 is None else c0
+        with self._loop_mode():
+            extra = self._forward_loop(p, gates, hs, cs, U, step_mask, zc, zh, gm, P)
+        if self.tracer is not None:
+            self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
+        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
+
+    def _loop_mode(self):
+        """Traced calls run the backend's eager per-step loop (no CUDA-graph capture/replay)."""
+        return self.backend.eager() if self.tracer is not None else contextlib.nullcontext()
+
+    def _forward_loop(self, p, gates, hs, cs, U, step_mask, zc, zh, gm, P):
+        """The backend's time loop of one layer-direction in precision ``P`` (U: its ``gemm_operand``);
+        returns the LN cell's stored values."""
+        xp, be = self.xp, self.backend
+        T, B, H4 = gates.shape
         if self.layer_norm:
             gain, shift, c_gain, c_shift = self._ln_params(p)
             # what the LN backward needs, allocated once per call (the backend's loop fills it)
             extra = dict(zhat=xp.empty_like(gates), rstd=xp.empty((T, B, 4), self.dtype),
-                         chat=xp.empty((T, B, H), self.dtype), rstd_c=xp.empty((T, B), self.dtype))
+                         chat=xp.empty((T, B, H4 // 4), self.dtype), rstd_c=xp.empty((T, B), self.dtype))
             be.ln_lstm_forward_sequence(gates, extra["zhat"], extra["rstd"], extra["chat"], extra["rstd_c"],
                                         hs, cs, U, gain, shift, c_gain, c_shift, self.forget_bias,
                                         self.layer_norm_eps, step_mask, zc, zh, gm, precision=P)
@@ -273,9 +289,7 @@ class LSTM(Module):
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
             be.lstm_forward_sequence(gates, hs, cs, U, self.forget_bias, step_mask, zc, zh, gm, precision=P)
-        if self.tracer is not None:
-            self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
-        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
+        return extra
 
     # -- backward -------------------------------------------------------------------------
     def backward(self, dy, dstate=None, trace=False):
@@ -342,15 +356,17 @@ class LSTM(Module):
         P = cache["precision"]                                  # the mode the forward ran in
         UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)      # rounded once per call (tf32/bf16)
         # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
-        if self.layer_norm:
-            gain, _, c_gain, c_shift = self._ln_params(p)
-            ln, G = cache["ln"], self.grads
-            be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
-                                         gain, c_gain, c_shift, dy, dh, dc, dz, UT,
-                                         G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
-                                         G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
-        else:
-            be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
+        with self._loop_mode():
+            if self.layer_norm:
+                gain, _, c_gain, c_shift = self._ln_params(p)
+                ln, G = cache["ln"], self.grads
+                be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
+                                             gain, c_gain, c_shift, dy, dh, dc, dz, UT,
+                                             G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
+                                             G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
+            else:
+                be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
+        if not self.layer_norm:
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0
             self.tracer.record_backward(self, k, d, cache, dy, dh_n, dc_n, dz, dh, dc)

@@ -79,7 +79,7 @@ class Module:
 
     def state_dict(self) -> dict:
         """Parameters as NumPy arrays (copies), by name."""
-        return {k: np.array(self.backend.to_numpy(v)) for k, v in self.params.items()}
+        return {k: self.backend.to_numpy(v, copy=True) for k, v in self.params.items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Copy arrays (NumPy or this backend's) into the parameters; names and shapes must match."""

@@ -41,7 +41,7 @@ def _check_float(value, name: str, lo: float, hi: float = math.inf, lo_open=Fals
 
 
 def _to_numpy(a):
-    return np.array(backends.backend_of(a).to_numpy(a))
+    return backends.backend_of(a).to_numpy(a, copy=True)
 
 
 class Optimizer:

@@ -6,7 +6,9 @@ The corpus is cut into ``--batch`` streams read in windows of ``--seq-len`` toke
 state carried from window to window; Adam with global-norm clipping and a warm-up + cosine
 learning rate. Without ``--text`` it trains on the Python standard library's source (no
 download). Checkpoints (see ``xlstm/checkpoint.py``) hold everything a run depends on, so
-``--resume`` continues exactly: on the CPU the resumed losses equal an uninterrupted run's.
+``--resume`` continues exactly: the resumed losses equal an uninterrupted run's (tested on
+the CPU; on the GPU every gradient is summed in a fixed order, no atomics, and the gpu tests
+in tests/test_train.py check the same there).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import backends, checkpoint, data
+from . import backends, checkpoint, data, distributed
 from .errors import InputError, XlstmError
 
 # Defaults of the README's main job: measured on a 2-core CPU to finish in under 3 minutes
@@ -87,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="BLAS threads of the numpy backend; 0 leaves the BLAS default (default 1: on an idle "
                         "2-core machine 0 is ~30%% faster, but when another process holds a core the "
                         "busy-waiting BLAS threads make it 4-7x slower)")
+    distributed.add_arguments(p.add_argument_group("several processes (data-parallel; see the README)"))
     # tests: behave as if Ctrl-C came right after step N (save, exit 130)
     a("--stop-after", type=int, help=argparse.SUPPRESS)
 
@@ -236,8 +239,17 @@ def load_model(path: str, backend=None, warn=print):
 
 def evaluate(model, streams: np.ndarray, seq_len: int) -> float:
     """Mean cross-entropy (nats/token) over validation streams [B, L], state carried, from zeros."""
+    total, count = eval_sums(model, streams, seq_len)
+    return total / count
+
+
+def eval_sums(model, streams: np.ndarray, seq_len: int) -> tuple[float, int]:
+    """(sum of cross-entropies, number of tokens) over streams [B, L]: the parts of a mean that
+    several processes, each with some of the streams, add up exactly."""
     from .losses import cross_entropy
 
+    if streams.shape[0] == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     state, total, count = None, 0.0, 0
@@ -251,7 +263,7 @@ def evaluate(model, streams: np.ndarray, seq_len: int) -> float:
         total += loss * y.size
         count += y.size
     model.train(was_training)
-    return total / count
+    return total, count
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -395,26 +407,52 @@ def _state_arrays(model, opt, carry) -> dict:
     for k, st in opt.state_dict()["state"].items():
         for b, v in st.items():
             arrays[f"opt/{k}/{b}"] = v
-    if carry is not None:
-        be = model.backend
-        arrays["carry/h"] = np.array(be.to_numpy(carry[0]))
-        arrays["carry/c"] = np.array(be.to_numpy(carry[1]))
+    if carry is not None:       # NumPy [layers, B, H]: every stream, gathered from all processes;
+        # copied again, so the snapshot never shares memory with a live state (issue 9)
+        arrays["carry/h"], arrays["carry/c"] = (np.array(a, copy=True) for a in carry)
     return arrays
 
 
+class _Discard:
+    """Metrics of a process other than rank 0: only rank 0 writes."""
+
+    path = None
+
+    def append(self, rec) -> None:
+        pass
+
+
 def run(args) -> int:
+    if getattr(args, "nproc", None) is not None:
+        if distributed.launched():
+            raise InputError("--nproc starts the processes itself; under torchrun drop --nproc")
+        return distributed.launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
+    t_start = time.time()
+    # an unusable --backend cupy stops here, with the reason; under torchrun each process takes its own GPU
+    backend, group = distributed.setup(args.backend, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+    group.run_dir = None
     try:
-        return _run(args)
+        return _run(args, t_start, backend, group)
     except OSError as e:        # e.g. a full disk or a read-only --out while writing metrics
         where = e.filename or args.out or args.resume or "the run folder"
         raise XlstmError(f"cannot write {where}: {e.strerror or e}; free some disk space or choose another --out "
                          "(the checkpoints already written are intact)") from None
+    except distributed.DistributedError as e:
+        raise distributed.DistributedError(f"{e}. {_resume_hint(group.run_dir)}") from None
+    finally:
+        group.close()
 
 
-def _run(args) -> int:
-    t_start = time.time()
+def _resume_hint(run_dir) -> str:
+    found = checkpoint.list_checkpoints(run_dir) if run_dir else []
+    if not found:
+        return "The run stopped before its first checkpoint"
+    return (f"The run stopped; its last checkpoint {found[0]} is intact: continue with "
+            f"xlstm train --resume {run_dir} (on any number of processes)")
+
+
+def _run(args, t_start, backend, group) -> int:
     given = _given(args)
-    backend = backends.resolve(args.backend)      # an unusable --backend cupy stops here, with the reason
     if args.threads < 0:
         raise InputError(f"--threads must be 0 (BLAS default) or positive, got {args.threads}")
     if args.threads and backend.name == "numpy":
@@ -436,6 +474,10 @@ def _run(args) -> int:
             raise InputError(f"{run_dir} already holds checkpoints of a run; continue it with --resume {run_dir}, "
                              "or choose another --out")
     _check_config(cfg)
+    if cfg["batch"] % group.world:
+        raise InputError(f"--batch {cfg['batch']} cannot be split evenly over {group.world} processes: each "
+                         f"takes --batch / {group.world} streams; give a --batch that is a multiple of {group.world}")
+    run_dir = group.run_dir = group.broadcast(run_dir)     # rank 0 names the run folder
     if cfg["steps"] is None and cfg["epochs"] is None:
         cfg["steps"] = DEFAULT_STEPS
 
@@ -459,6 +501,8 @@ def _run(args) -> int:
     train_ids, val_ids = data.split(ids, cfg["val_fraction"], cfg["seq_len"], cfg["batch"])
     stream = data.BatchStream(train_ids, cfg["seq_len"], cfg["batch"], seed=cfg["seed"])
     val = data.eval_streams(val_ids, max(cfg["batch"], 64), cfg["eval_tokens"] or None)
+    mine = distributed.shard(cfg["batch"], group.rank, group.world)     # this process's training streams
+    val = val[distributed.shard(len(val), group.rank, group.world)]
     total = cfg["steps"] if cfg["steps"] is not None else max(1, math.ceil(cfg["epochs"] * stream.windows_per_epoch))
     warmup = min(cfg["warmup"], total // 10)     # a short run must not spend itself warming up
 
@@ -487,13 +531,20 @@ def _run(args) -> int:
             raise checkpoint.CheckpointError(f"checkpoint {folder} is incomplete or damaged (missing {e}); "
                                              "use an earlier checkpoint") from None
         if "carry/h" in arrays:
-            carry = (backend.asarray(arrays["carry/h"]), backend.asarray(arrays["carry/c"]))
+            # stored for every stream: a run resumes on any number of processes
+            carry = tuple(backend.asarray(np.ascontiguousarray(arrays[k][:, mine])) for k in ("carry/h", "carry/c"))
         step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
         last_val = meta.get("val_loss")
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = Metrics(run_dir, step if resumed else None)
+    group.attach(model)
+    if group.main:
+        os.makedirs(run_dir, exist_ok=True)
+        metrics = Metrics(run_dir, step if resumed else None)
+    else:
+        metrics = _Discard()
 
-    say = print
+    def say(*a, **kw):
+        if group.main:
+            print(*a, **kw)
     say(f"xlstm train: {desc}; {cfg['level']} level, {len(ids):,} tokens, vocabulary {len(vocab)}")
     say(f"  model: Embedding({len(vocab)}, {cfg['embed']}) -> {lstm} -> Dense({cfg['hidden']}, {len(vocab)}); "
         f"{sum(int(p.size) for p in model.params.values()):,} parameters")
@@ -505,6 +556,8 @@ def _run(args) -> int:
             "state and weights"
             + ("; EMULATED on the numpy backend (slower than float32, for checking, not speed)"
                if backend.name == "numpy" else ""))
+    if group.world > 1:
+        say(f"  data-parallel on {group.world} processes ({group.name}): {cfg['batch'] // group.world} streams each")
     if resumed:
         say(f"  resuming from {resumed[0]} at step {step}")
         if step >= total:
@@ -518,38 +571,49 @@ def _run(args) -> int:
                 "rng": {"mask": lstm._mask_rng.bit_generator.state, "stream": stream.state_dict()},
                 "elapsed_s": elapsed0 + time.time() - t_loop, "val_loss": last_val,
                 "unigram_entropy": unigram, "total_steps": total, "backend": backend.name,
+                "processes": group.world,
                 "xlstm_version": __import__("xlstm").__version__}
 
     def save():
-        return checkpoint.save(run_dir, step, _state_arrays(model, opt, carry), meta_now(), keep=cfg["keep"])
+        full = None if carry is None else tuple(group.gather_streams(a, backend) for a in carry)
+        group.check_same_params(model, step)
+        if not group.main:
+            return None
+        return checkpoint.save(run_dir, step, _state_arrays(model, opt, full), meta_now(), keep=cfg["keep"])
 
     def validate():
         nonlocal last_val
-        last_val = evaluate(model, val, cfg["seq_len"])
+        total_nats, count = group.sum(eval_sums(model, val, cfg["seq_len"]))
+        last_val = total_nats / count
         metrics.append({"split": "val", "step": step, "loss": last_val, "ppl": data.perplexity(last_val),
                         "elapsed_s": round(elapsed0 + time.time() - t_loop, 3)})
-        bar.write(f"step {step:>6}: val loss {last_val:.4f} nats (ppl {data.perplexity(last_val):.2f}); "
-                  f"unigram entropy {unigram:.4f}; {_versus(last_val, unigram)}")
+        if group.main:
+            bar.write(f"step {step:>6}: val loss {last_val:.4f} nats (ppl {data.perplexity(last_val):.2f}); "
+                      f"unigram entropy {unigram:.4f}; {_versus(last_val, unigram)}")
 
     tokens_per_step = cfg["batch"] * cfg["seq_len"]
-    bar = _bar(total, step, args.progress)
+    bar = _bar(total, step, args.progress and group.main)
     t_loop = time.time()
     ema, rate, interrupted = None, None, False
-    with _CtrlC(lambda s: bar.write(s)) as ctrl_c:
+    with _CtrlC(lambda s: group.main and bar.write(s)) as ctrl_c:
         while step < total:
             t0 = time.perf_counter()
             x, y, reset = stream.next()
             if reset:
                 carry = None        # a new epoch starts from zeros, deterministically
+            x, y = np.ascontiguousarray(x[:, mine]), np.ascontiguousarray(y[:, mine])
             model.zero_grad()
-            logits = model.forward(x, state=carry)
+            masks = group.draw_masks(lstm, x.shape[0], cfg["batch"])
+            logits = model.forward(x, state=carry, **({} if masks is None else {"masks": masks}))
             carry = model.last_state
             loss, dlogits = cross_entropy(logits, y)
+            loss = group.sum([loss])[0] / group.world      # equal shares: the mean over all B*T tokens
             if not math.isfinite(loss):
                 bar.close()
                 raise XlstmError(f"the training loss became {loss} at step {step + 1}; lower --lr "
                                  f"(now {cfg['lr']}) or --clip; the checkpoints in {run_dir} are from before")
             model.backward(dlogits)
+            group.allreduce_grads()     # before clipping: every process clips and steps the same gradient
             norm = clip_grad_norm(model, cfg["clip"])
             opt.lr = lr_schedule(step, cfg["lr"], warmup, total, cfg["schedule"])
             opt.step()
@@ -567,7 +631,7 @@ def _run(args) -> int:
                 validate()
             if args.stop_after is not None and step >= args.stop_after and step < total:
                 ctrl_c.requested = True
-            if ctrl_c.requested:
+            if group.any(ctrl_c.requested):        # all processes stop after the same step
                 interrupted = True
                 break
             if step % cfg["save_every"] == 0 and step < total:
@@ -575,13 +639,14 @@ def _run(args) -> int:
         path = save()
     bar.close()
     secs = time.time() - t_start
-    if args.plot:
+    if args.plot and group.main:
         say(f"  plot: {write_plot(run_dir, unigram)}")
     if interrupted:
         say(f"interrupted at step {step} of {total}; checkpoint saved to {path}\n"
             f"  continue with: xlstm train --resume {run_dir}")
         return 130
-    say(f"done: {total} steps in {secs:.1f} s (backend {backend.name}); final val loss {last_val:.4f} nats "
+    where = f"backend {backend.name}" + (f", {group.world} processes" if group.world > 1 else "")
+    say(f"done: {total} steps in {secs:.1f} s ({where}); final val loss {last_val:.4f} nats "
         f"(ppl {data.perplexity(last_val):.2f}) vs unigram entropy {unigram:.4f} nats: {_versus(last_val, unigram)}")
     say(f"  checkpoint {path}; metrics {metrics.path}\n  sample with: xlstm sample {run_dir} --prime 'def ' --length 300")
     return 0

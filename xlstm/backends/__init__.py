@@ -48,6 +48,14 @@ def cupy_unavailable_reason() -> str | None:
     return cupy_backend.unavailable_reason()
 
 
+def use_cuda_device(index: int) -> None:
+    """Make CUDA device ``index`` current for CuPy in this process (one GPU per data-parallel rank);
+    call it before anything touches a GPU, or device 0 gets a context in every process."""
+    from . import cupy_backend
+
+    cupy_backend.use_device(index)
+
+
 def resolve(name: str | Backend | None = None) -> Backend:
     """The backend object for a name ('numpy', 'cupy', 'auto'), a Backend, or None (the current one)."""
     global _auto_announced

@@ -37,6 +37,8 @@ Pointwise step, backward, with the seed article's names (dHt = dh, dCt = dc_new 
 """
 from __future__ import annotations
 
+import contextlib
+
 
 class Backend:
     """Base class; subclasses set ``name`` and ``xp`` and implement the pointwise steps (the
@@ -44,14 +46,30 @@ class Backend:
 
     name: str = "?"
     xp = None
+    _force_eager = False    # True inside ``eager()``
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Inside the block the sequence ops run their plain per-step loop: no captured or
+        replayed CUDA graph, whatever the backend's switches say (traces use this)."""
+        prev, self._force_eager = self._force_eager, True
+        try:
+            yield self
+        finally:
+            self._force_eager = prev
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
         """``a`` as an array of this backend (copies across devices only when needed)."""
         raise NotImplementedError
 
-    def to_numpy(self, a):
-        """``a`` as a NumPy array on the host."""
+    def to_numpy(self, a, copy: bool = False):
+        """``a`` as a NumPy array on the host.
+
+        On the NumPy backend this is ``a`` itself (no copy) unless ``copy=True``: a caller that
+        keeps the result while the backend goes on writing into ``a`` (gradients accumulate in
+        place, buffers are reused) must ask for ``copy=True``. From a device it is always a copy.
+        """
         raise NotImplementedError
 
     def owns(self, a) -> bool:

@@ -1,62 +1,42 @@
-"""Reduced-precision GEMMs on the GPU: cublasGemmEx, TF32 or bf16 operands, float32 accumulation.
+"""The tf32/bf16 GEMM operands on the GPU, for ``CublasGemm.gemm_ex`` (cublasGemmEx).
 
-NOT YET RUN ON A GPU: no GPU was available to the session that wrote this. On the CPU,
-tests/test_precision.py runs this code against a host stand-in of cuBLAS's gemmEx (column-major,
-reading the very pointers, leading dimensions and transpose flags passed here), and the cast
-kernel ``f32_to_bf16`` is compiled for sm_80/sm_90 and its host build checked against
-ml_dtypes. The ``gpu``-marked tests hold the device results to the NumPy emulation.
+NOT YET RUN ON A GPU: no GPU was available to the sessions that wrote this. On the CPU,
+tests/test_precision.py runs this code against a stand-in of nvmath's cuBLAS binding whose
+gemm_ex computes the column-major contract from the very pointers, leading dimensions and
+transpose flags passed (tests/test_cupy_backend.py), and the cast kernel ``f32_to_bf16`` is
+compiled for sm_80/sm_90 and its host build checked against ml_dtypes.
 
-    precision  operands in memory               cublasGemmEx types, compute type
-    tf32       float32 (cuBLAS rounds inside)   CUDA_R_32F x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32
-    bf16       bfloat16 (our cast kernel)       CUDA_R_16BF x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F
-
-Layout: arrays are row-major, cuBLAS is column-major, so C [M,N] = A [M,K] @ B [K,N] is issued as
-C^T = B^T A^T: a C-contiguous row-major X [r,c] is the column-major X^T with ld = c (op N);
-an F-contiguous one (a transposed view such as U.T, x2.T) is the column-major X with ld = r,
-so op T gives X^T without a copy. ``Rounded`` bf16 operands keep that flag in ``transposed``.
+tf32: the float32 array itself is the operand (cuBLAS rounds while it multiplies). bf16: one
+launch of ``f32_to_bf16`` writes the operand's bfloat16 bits. Layout: a C-contiguous array is
+used as is; an F-contiguous one (a transposed view such as U.T, x2.T) is its C-contiguous
+transpose with ``Rounded.transposed`` set, which cuBLAS takes as op T (no copy).
 
 The fused pointwise kernels still write h in float32; the next step's bf16 GEMM casts it with
-one extra small launch ([B,H] elements) per step, and dz[t] likewise in BPTT. Weights (U, U^T)
-are cast once per forward/backward call (``gemm_operand``).
+one extra small launch ([B,H] elements) per step, and dz[t] likewise in BPTT, into the scratch
+``SCRATCH_A`` (allocated before a CUDA-graph capture by ``CupyBackend.prepare_capture``).
+Weights (U, U^T) are cast once per forward/backward call (``gemm_operand``). The one cuBLAS
+path is ``cublas_gemm.CublasGemm`` (capturable); without nvmath-python these modes refuse,
+naming the install, rather than multiply in float32.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import BackendUnavailableError, InputError
 from ..precision import Rounded
 
-# cuBLAS / CUDA enum values (cublas_api.h, library_types.h); cupy exposes the same names
-CUDA_R_32F, CUDA_R_16BF = 0, 14
-CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
-CUBLAS_GEMM_DEFAULT = -1
-CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
-CUBLAS_POINTER_MODE_HOST = 0
-
-MODES = {"tf32": (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32), "bf16": (CUDA_R_16BF, CUBLAS_COMPUTE_32F)}
-
-
-def _cublas():
-    """cupy's low-level cuBLAS bindings (gemmEx, pointer mode); a function so tests can stand in."""
-    from cupy_backends.cuda.libs import cublas
-
-    return cublas
-
-
-def _ptr(a) -> int:
-    """Device address of a cupy array (host address of a NumPy array in the host stand-in)."""
-    data = a.data
-    return data.ptr if hasattr(data, "ptr") else a.ctypes.data
+MODES = ("tf32", "bf16")
 
 
 class MixedGemm:
-    """cublasGemmEx for one CupyBackend: operand casts, layouts, the call."""
+    """tf32/bf16 products for one CupyBackend: operand casts and layouts; the call is CublasGemm's."""
+
+    SCRATCH_A = "gemm_bf16_a"      # the per-step left operand's bits (hs[t], dz[t])
+    SCRATCH_B = "gemm_bf16_b"
 
     def __init__(self, backend):
         self.be = backend
         self.xp = backend.xp
-        self._alpha = np.ones(1, np.float32)           # host scalars (CUBLAS_POINTER_MODE_HOST)
-        self._beta = {0.0: np.zeros(1, np.float32), 1.0: np.ones(1, np.float32)}
 
     # -- operands -----------------------------------------------------------------------------
     def _check(self, name, a):
@@ -102,8 +82,16 @@ class MixedGemm:
     # -- the product ------------------------------------------------------------------------
     def gemm(self, a, b, out, precision, beta):
         """out [M,N] = a [M,K] @ b [K,N] + beta * out in ``precision`` (beta 0 or 1); returns out."""
-        A = self.operand(a, precision, "gemm_bf16_a")
-        Bm = self.operand(b, precision, "gemm_bf16_b")
+        g = self.be._gemm()
+        if g is None:
+            from .cublas_gemm import INSTALL_HINT
+
+            raise BackendUnavailableError(
+                f"precision={precision!r} on the cupy backend multiplies through nvmath-python's cuBLAS "
+                f"binding (cublasGemmEx), which is not usable here; {INSTALL_HINT}, or use "
+                "precision='float32'")
+        A = self.operand(a, precision, self.SCRATCH_A)
+        Bm = self.operand(b, precision, self.SCRATCH_B)
         (M, K), (K2, N) = A.shape, Bm.shape
         if K != K2:
             raise InputError(f"GEMM shapes do not agree: {A.shape} @ {Bm.shape}")
@@ -114,29 +102,7 @@ class MixedGemm:
         if tuple(out.shape) != (M, N):
             raise InputError(f"out has shape {tuple(out.shape)}, expected {(M, N)}")
         target = out if out.flags.c_contiguous else self.xp.ascontiguousarray(out)
-        dtype, compute = MODES[precision]
-
-        def desc(R):        # (op, leading dimension) of the column-major X^T for row-major X
-            rows, cols = R.shape
-            return (CUBLAS_OP_T, rows) if R.transposed else (CUBLAS_OP_N, cols)
-
-        op_b, ld_b = desc(Bm)
-        op_a, ld_a = desc(A)
-        cublas = _cublas()
-        handle = self.xp.cuda.device.get_cublas_handle()
-        cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)   # the stream the kernels use
-        mode = cublas.getPointerMode(handle)
-        if mode != CUBLAS_POINTER_MODE_HOST:
-            cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
-        try:
-            # C^T [N,M] = B^T [N,K] @ A^T [K,M], column-major, ldc = N
-            cublas.gemmEx(handle, op_b, op_a, N, M, K, self._alpha.ctypes.data,
-                          _ptr(Bm.data), dtype, ld_b, _ptr(A.data), dtype, ld_a,
-                          self._beta[float(beta)].ctypes.data, _ptr(target), CUDA_R_32F, N,
-                          compute, CUBLAS_GEMM_DEFAULT)
-        finally:
-            if mode != CUBLAS_POINTER_MODE_HOST:
-                cublas.setPointerMode(handle, mode)
+        g.gemm_ex(A, Bm, target, precision, beta)
         if target is not out:
             out[...] = target
         return out

@@ -92,8 +92,8 @@ class NumpyBackend(Backend):
             a = a.get()
         return np.asarray(a, dtype=dtype)
 
-    def to_numpy(self, a):
-        return self.asarray(a)
+    def to_numpy(self, a, copy: bool = False):
+        return np.array(self.asarray(a)) if copy else self.asarray(a)
 
     def _tmp(self, key, shape, dtype):
         """A scratch buffer reused across time steps (so the loop does not allocate)."""

@@ -1,7 +1,9 @@
 """CUDA C++ sources of the fused kernels, shipped as package data.
 
 ``lstm_pointwise.cuh`` holds the pointwise math as ``__host__ __device__`` functions (also
-compiled by g++ for the host checks); ``lstm_kernels.cu`` holds the ``extern "C"`` kernels.
+compiled by g++ for the host checks); ``lstm_kernels.cu`` holds the per-step ``extern "C"``
+kernels. ``lstm_persistent.cuh`` / ``lstm_persistent.cu`` hold the persistent kernels (all T
+steps in one cooperative launch), a module of their own because it is launched cooperatively.
 This module only reads them; it imports nothing from CUDA, so it works on any machine.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent
 MAIN_SOURCE = "lstm_kernels.cu"
+PERSISTENT_SOURCE = "lstm_persistent.cu"
+SOURCES = (MAIN_SOURCE, PERSISTENT_SOURCE)
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -46,14 +50,17 @@ def kernel_source(name: str = MAIN_SOURCE) -> str:
     return expand(name)
 
 
-# Kernel entry points per dtype suffix; the tests check that each one compiles.
-KERNEL_NAMES = ("lstm_forward_step", "lstm_backward_step",
-                "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate")
+# Kernel entry points per source and dtype suffix; the tests check that each one compiles.
+KERNEL_NAMES = {
+    MAIN_SOURCE: ("lstm_forward_step", "lstm_backward_step",
+                  "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate"),
+    PERSISTENT_SOURCE: ("lstm_persistent_forward", "lstm_persistent_backward"),
+}
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
-# Kernels of one fixed type, named without a suffix (the bf16 operand cast, precision.cuh).
-FIXED_KERNELS = ("f32_to_bf16",)
+# Kernels of one fixed type per source, named without a suffix (the bf16 operand cast, precision.cuh).
+FIXED_KERNELS = {MAIN_SOURCE: ("f32_to_bf16",), PERSISTENT_SOURCE: ()}
 
 
-def entry_names() -> list[str]:
-    """Every extern "C" kernel name in ``lstm_kernels.cu``, e.g. ``lstm_forward_step_f32``."""
-    return [f"{k}_{s}" for k in KERNEL_NAMES for s in DTYPE_SUFFIX.values()] + list(FIXED_KERNELS)
+def entry_names(source: str = MAIN_SOURCE) -> list[str]:
+    """Every extern "C" kernel name in ``source``, e.g. ``lstm_forward_step_f32``."""
+    return [f"{k}_{s}" for k in KERNEL_NAMES[source] for s in DTYPE_SUFFIX.values()] + list(FIXED_KERNELS[source])

@@ -1,0 +1,331 @@
+"""CUDA-graph replay of the CuPy backend's sequence ops, proven on the CPU, then on a GPU.
+
+On the CPU the CuPy backend runs unchanged against the stand-in cupy of
+tests/test_cupy_backend.py (host builds of the kernels) and a stand-in of nvmath's cuBLAS
+binding that computes the column-major BLAS contract on raw addresses. Stream capture there
+RECORDS each kernel launch and GEMM with the addresses it was given and runs nothing;
+``Graph.launch`` reruns the records. So a graph bound to the wrong buffer (an input not copied
+in, an output not copied out, a caller's array baked in) computes on stale memory and the
+"second call with different inputs" checks below fail; allocation, a device sync, cupy's own
+cuBLAS or work on another stream during capture raise, as on a device.
+
+What the CPU cannot show: NVRTC's binary, cuBLAS itself, the driver's graph instantiation and
+any speed. The ``gpu`` tests at the end run the same comparisons on a device.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import xlstm
+from test_cupy_backend import (CONFIG_IDS, CONFIGS, compare_models, host_lib,  # noqa: F401 (fixture)
+                               install_fakes)
+from xlstm.backends import cupy_unavailable_reason
+
+
+@pytest.fixture
+def graphed(host_lib, monkeypatch):
+    """(a CupyBackend on the stand-in cupy + nvmath, graphs on; the stand-in's records)."""
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True)
+    monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
+    be = CupyBackend()
+    assert be.cuda_graphs and be.graphs_active()
+    return be, fake
+
+
+def _run(be, dtype, kwargs, use_lengths, seed, T=5, B=3, D=4, H=6, masks=None, model=None, model_seed=1):
+    """forward + backward of a seeded model on ``be``: every output, state, dx and gradient."""
+    rng = np.random.default_rng(seed)
+    m = model or xlstm.LSTM(D, H, dtype=dtype, seed=model_seed, backend=be, **kwargs)
+    m.zero_grad()
+    S = (m.num_layers * m.num_directions, B, H)
+    x = rng.standard_normal((T, B, D)).astype(dtype)
+    h0, c0 = (rng.standard_normal(S).astype(dtype) * 0.5 for _ in range(2))
+    lengths = np.array([T, max(1, T - 2), 1][:B]) if use_lengths else None
+    dy = rng.standard_normal((T, B, H * m.num_directions)).astype(dtype)
+    dhn, dcn = (rng.standard_normal(S).astype(dtype) for _ in range(2))
+    y, (hn, cn) = m.forward(x, state=(h0, c0), lengths=lengths, masks=masks)
+    used = m.last_masks
+    dx, (dh0, dc0) = m.backward(dy, dstate=(dhn, dcn))
+    out = dict(y=y, hn=hn, cn=cn, dx=dx, dh0=dh0, dc0=dc0)
+    out.update({"grad " + k: v for k, v in m.grads.items()})
+    return {k: np.array(v) for k, v in out.items()}, used, m
+
+
+def _assert_bitwise(got, want, what):
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), \
+            f"{what}: {k} differs (max |diff| {np.max(np.abs(got[k] - want[k])):.3g})"
+
+
+# -- replay == eager, bitwise; new inputs give the new answer ----------------------------------
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,kwargs,use_lengths", CONFIGS, ids=CONFIG_IDS)
+def test_replay_equals_eager_bitwise(graphed, dtype, name, kwargs, use_lengths):
+    be, fake = graphed
+    graphed_model = None
+    # capture, replay with new inputs, replay with new inputs and a new model (other weights)
+    for call, (seed, model_seed) in enumerate(((11, 1), (12, 1), (13, 2))):
+        if call == 2:
+            graphed_model = None
+        got, masks, graphed_model = _run(be, dtype, kwargs, use_lengths, seed, model=graphed_model,
+                                         model_seed=model_seed)
+        be.cuda_graphs = False
+        try:
+            want, _, _ = _run(be, dtype, kwargs, use_lengths, seed, masks=masks, model_seed=model_seed)
+        finally:
+            be.cuda_graphs = True
+        _assert_bitwise(got, want, f"call {call}")
+        if call == 0:       # layers and directions of one shape share a graph: 2 (or 4) ops
+            captured = be.graphs.captures
+            assert captured >= 2
+    # every later call of the same shapes was served by the cached graphs, nothing re-captured
+    assert be.graphs.captures == captured and be.graphs.replays >= 2 * captured
+    st = be.graphs.stats()
+    assert st["entries"] == captured and st["bytes"] > 0
+
+
+def test_replay_matches_the_numpy_backend(graphed):
+    # independent of the cupy code's own eager loop: the NumPy backend's answer
+    be, _ = graphed
+    for name, kwargs, use_lengths in CONFIGS:
+        compare_models(be, "float64", kwargs, use_lengths, H=7)
+        compare_models(be, "float64", kwargs, use_lengths, H=7, seed=6)   # replayed
+    assert be.graphs.replays > 0
+
+
+def test_captured_graph_is_one_gemm_and_one_kernel_per_step(graphed):
+    be, fake = graphed
+    T = 4
+    m = xlstm.LSTM(3, 5, backend=be, seed=0)
+    x = np.random.default_rng(0).standard_normal((T, 2, 3)).astype(np.float32)
+    y, _ = m.forward(x)
+    m.backward(np.ones_like(y))
+    assert fake.captured == [["gemm", "lstm_forward_step_f32"] * T,
+                             ["lstm_backward_step_f32", "gemm"] * T]
+    n_launches = len(fake.launched)
+    fake.launches.clear()
+    y, _ = m.forward(x)
+    m.backward(np.ones_like(y))
+    # replays: one graph launch per op; the host issued no step launch of its own
+    assert len(fake.launched) == n_launches + 2 and len(fake.captured) == 2
+    assert fake.launches == []
+
+
+def test_a_binding_left_out_is_caught(graphed, monkeypatch):
+    """The stand-in must not be able to pass a wrong binding: drop the copy-in of the gates
+    (x@W + b) and the second call, with new inputs, must come out wrong."""
+    from xlstm.backends import cuda_graphs
+
+    be, _ = graphed
+    spec = dict(cuda_graphs.SPECS["lstm_forward_sequence"])
+    spec["read"] = {k: v for k, v in spec["read"].items() if k != "gates"}
+    monkeypatch.setitem(cuda_graphs.SPECS, "lstm_forward_sequence", spec)
+    _run(be, "float64", {}, False, 1)
+    got, masks, _ = _run(be, "float64", {}, False, 2)
+    be.cuda_graphs = False
+    want, _, _ = _run(be, "float64", {}, False, 2, masks=masks)
+    assert not np.array_equal(got["y"], want["y"])
+
+
+# -- the cache, the switches, traces ---------------------------------------------------------------
+def test_lru_cache_is_bounded(graphed):
+    be, _ = graphed
+    be.graphs.maxsize = 2
+    m = xlstm.LSTM(3, 4, backend=be, seed=0, dtype="float64")
+    rng = np.random.default_rng(0)
+    for T in (2, 3, 4):                       # three forward shapes through a cache of two
+        m.forward(rng.standard_normal((T, 2, 3)))
+    assert len(be.graphs) == 2 and be.graphs.captures == 3
+    assert [k[1][1][0] for k in be.graphs.keys()] == [3, 4]     # T of gates: the oldest went
+    m.forward(rng.standard_normal((2, 2, 3)))                    # evicted: captured again
+    assert be.graphs.captures == 4 and len(be.graphs) == 2
+    m.forward(rng.standard_normal((4, 2, 3)))                    # still cached: replayed
+    assert be.graphs.captures == 4 and be.graphs.replays == 1
+
+
+def test_opt_out_by_environment_and_attribute(host_lib, monkeypatch, graphed):
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    be, fake = graphed
+    monkeypatch.setenv("XLSTM_CUDA_GRAPHS", "0")
+    off = CupyBackend()
+    assert off.cuda_graphs is False and not off.graphs_active()
+    m = xlstm.LSTM(3, 4, backend=off, seed=0)
+    y, _ = m.forward(np.ones((3, 2, 3), np.float32))
+    m.backward(np.ones_like(y))
+    assert fake.captured == [] and len(off.graphs) == 0
+    assert fake.launches.count("lstm_forward_step_f32") == 3      # the eager loop ran
+    be.cuda_graphs = False                                         # the attribute switch
+    xlstm.LSTM(3, 4, backend=be, seed=0).forward(np.ones((3, 2, 3), np.float32))
+    assert fake.captured == []
+    monkeypatch.setenv("XLSTM_CUDA_GRAPHS", "maybe")
+    with pytest.raises(xlstm.InputError, match="XLSTM_CUDA_GRAPHS"):
+        CupyBackend()
+
+
+def test_traces_run_eagerly(graphed):
+    be, fake = graphed
+    for layer_norm in (False, True):
+        m = xlstm.LSTM(3, 4, backend=be, seed=0, dtype="float64", layer_norm=layer_norm)
+        y, _ = m.forward(np.ones((3, 2, 3)), trace=True)
+        m.backward(np.ones_like(y), trace=True)
+        m.last_trace.check(1e-9)
+        assert "l0/fw/t2/dCt" in m.last_trace
+    assert fake.captured == [] and be.graphs.captures == 0
+    m.forward(np.ones((3, 2, 3)))                 # untraced again: captures
+    assert be.graphs.captures == 1
+    with be.eager():
+        assert not be.graphs_active()
+    assert be.graphs_active()
+
+
+def test_without_nvmath_the_eager_loop_runs_and_says_so_once(host_lib, monkeypatch, capfd):
+    from xlstm.backends import cupy_backend
+
+    fake = install_fakes(host_lib, monkeypatch, nvmath=False)
+    monkeypatch.setattr(cupy_backend, "_graphs_note_shown", False)
+    be = cupy_backend.CupyBackend()
+    assert be.cuda_graphs and not be.graphs_active()
+    for _ in range(2):
+        xlstm.LSTM(3, 4, backend=be, seed=0).forward(np.ones((3, 2, 3), np.float32))
+    err = capfd.readouterr().err
+    assert err.count("CUDA graphs are off") == 1 and "nvmath-python" in err
+    assert fake.captured == [] and len(fake.gemms) == 6            # cupy's cuBLAS, eagerly
+
+
+def test_nothing_in_the_capture_synchronises_or_allocates(graphed):
+    # the stand-in raises on a sync, an allocation, cupy's cuBLAS or another stream during
+    # capture; a model with every option exercising every op must capture cleanly
+    be, fake = graphed
+    _run(be, "float32", dict(num_layers=2, bidirectional=True, layer_norm=True, zoneout=0.2,
+                             recurrent_dropout=0.2), True, 3)
+    assert len(fake.captured) == 2          # LN forward and backward: all 4 layer-directions share them
+    stream = fake.module.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(RuntimeError, match="synchronize"):
+            be.synchronize()
+        with pytest.raises(AssertionError, match="allocates"):
+            fake.module.empty(3)
+        with pytest.raises(NotImplementedError):
+            fake.module.cublas.gemm("N", "N", np.ones((1, 1)), np.ones((1, 1)), out=np.ones((1, 1)))
+        stream.end_capture()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cublas_gemm_layouts(graphed, dtype):
+    """CublasGemm's row-major mapping (op flags, dimensions, leading dimensions) against NumPy,
+    for C- and F-contiguous operands, through the column-major stand-in of cuBLAS."""
+    be, fake = graphed
+    rng = np.random.default_rng(0)
+    for m, k, n in ((3, 4, 5), (1, 6, 2), (4, 1, 3), (2, 3, 1)):
+        a0, b0 = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+        for a in (a0, np.asfortranarray(a0)):
+            for b in (b0, np.asfortranarray(b0)):
+                out = rng.standard_normal((m, n)).astype(dtype)
+                want = out.astype(np.float64) + a0.astype(np.float64) @ b0.astype(np.float64)
+                be.matmul_add(a, b, out)
+                assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (m, k, n, a.flags.f_contiguous)
+    assert fake.gemms and all(g[0] == "nvmath" for g in fake.gemms)
+
+
+# -- on a GPU -------------------------------------------------------------------------------------
+@pytest.fixture
+def gpu_be():
+    reason = cupy_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from xlstm.backends import resolve
+
+    be = resolve("cupy")
+    if be._gemm() is None:
+        pytest.skip("nvmath-python is not installed: no CUDA-graph path to test")
+    return be
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,kwargs,use_lengths", CONFIGS, ids=CONFIG_IDS)
+def test_gpu_replay_equals_eager_bitwise(gpu_be, dtype, name, kwargs, use_lengths):
+    be = gpu_be
+    prev, be.cuda_graphs = be.cuda_graphs, True
+    try:
+        model = None
+        for seed in (21, 22, 23):
+            got, masks, model = _run(be, dtype, kwargs, use_lengths, seed, T=7, B=5, D=6, H=40, model=model)
+            be.cuda_graphs = False
+            want, _, _ = _run(be, dtype, kwargs, use_lengths, seed, T=7, B=5, D=6, H=40, masks=masks)
+            be.cuda_graphs = True
+            _assert_bitwise(got, want, f"seed {seed}")
+        assert be.graphs.replays > 0
+    finally:
+        be.cuda_graphs = prev
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_models_match_numpy(gpu_be):
+    for name, kwargs, use_lengths in CONFIGS:
+        for seed in (5, 6):
+            compare_models(gpu_be, "float64", kwargs, use_lengths, seed=seed)
+
+
+
+def test_scalars_select_the_graph(graphed):
+    # forget_bias and eps are baked into the captured launches: a model of the same shape with
+    # other values must get its own graph, not replay the first one's
+    be, _ = graphed
+    for kwargs in (dict(forget_bias=1.0), dict(forget_bias=0.0), dict(layer_norm=True, layer_norm_eps=1e-3),
+                   dict(layer_norm=True, layer_norm_eps=1e-12)):
+        got, masks, _ = _run(be, "float64", kwargs, False, 4)
+        be.cuda_graphs = False
+        want, _, _ = _run(be, "float64", kwargs, False, 4, masks=masks)
+        be.cuda_graphs = True
+        _assert_bitwise(got, want, str(kwargs))
+    assert be.graphs.captures == 6      # the backward ops take neither scalar: shared
+
+
+def test_bench_reports_the_first_call_and_graph_memory(graphed, monkeypatch):
+    from xlstm import bench
+
+    be, _ = graphed
+    used = [0]
+    monkeypatch.setattr(be.xp, "get_default_memory_pool",
+                        lambda: type("Pool", (), {"used_bytes": lambda self: used[0]})(), raising=False)
+    m = xlstm.LSTM(3, 4, backend=be, seed=0)
+    x = np.ones((3, 2, 3), np.float32)
+
+    def step():
+        y, _ = m.forward(x)
+        m.backward(np.ones_like(y))
+        used[0] += 1 << 20
+
+    first = bench.cupy_first_call(be, step)
+    assert first["cuda_graphs"] == "on" and first["graph_capture_s"] > 0
+    assert first["graph_mb"] == be.graphs.stats()["bytes"] / 2 ** 20 > 0
+    assert first["pool_growth_mb"] == 1.0 and first["first_step_ms"] > 0
+    again = bench.cupy_first_call(be, step)                     # replayed: nothing new
+    assert again["graph_mb"] == 0 and again["graph_capture_s"] == 0
+    be.cuda_graphs = False
+    assert bench.cupy_first_call(be, step)["cuda_graphs"] == "off"
+    args = bench.argparse.ArgumentParser()
+    bench.add_arguments(args)
+    assert args.parse_args(["--cuda-graphs", "off"]).cuda_graphs == "off"
+    assert args.parse_args([]).cuda_graphs is None
+
+
+def test_an_error_inside_the_capture_ends_it_and_caches_nothing(graphed):
+    be, fake = graphed
+    T, B, H = 3, 2, 4
+    gates = np.zeros((T, B, 4 * H), np.float32)
+    hs, cs = np.zeros((T + 1, B, H), np.float32), np.zeros((T + 1, B, H), np.float32)
+    U = np.zeros((H, 4 * H), np.float32)
+    with pytest.raises(xlstm.InputError, match="mask has dtype float64"):
+        be.lstm_forward_sequence(gates, hs, cs, U, 1.0, mask=np.ones((T, B)))
+    assert fake.capturing is None and len(be.graphs) == 0
+    be.lstm_forward_sequence(gates, hs, cs, U, 1.0, mask=np.ones((T, B), np.float32))   # still works
+    assert len(be.graphs) == 1 and np.all(hs[1:] == 0)
