@@ -346,12 +346,13 @@ def make_fake_nvmath(fake):
     data_type = enum.IntEnum("CudaDataType", {"CUDA_R_32F": 0, "CUDA_R_64F": 1, "CUDA_R_16BF": 14})
     fake.gemm_ex_calls = []
 
-    def gemm_ex(h, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb, beta, c, ctype, ldc,
-                compute, algo):
+    def gemm_ex(handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb, beta, c, ctype, ldc,
+                compute_type, algo):    # nvmath 1.0's parameter names (checked against the real one)
         # the column-major contract on raw host addresses: bf16 operands are uint16 bits, TF32
         # compute rounds both operands to nearest even (what the NumPy emulation does)
         from xlstm.precision import round_tf32
 
+        h, compute = handle, compute_type
         st = handles[h]
         assert st["pointer_mode"] == 0, "alpha/beta are host pointers"
         assert ctype == data_type.CUDA_R_32F and atype == btype and algo == cublas.GemmAlgo.DEFAULT

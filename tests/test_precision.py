@@ -2,15 +2,13 @@
 
 The rounding is checked against independent implementations (ml_dtypes for bf16, float64
 arithmetic for TF32); the emulated products against NumPy products of ml_dtypes-rounded
-operands; the CuPy path's cublasGemmEx calls against a host stand-in of gemmEx that reads the
+operands; the CuPy path's cublasGemmEx calls against a stand-in of nvmath's gemm_ex that reads the
 very pointers, leading dimensions and flags (column-major), so its layout logic is proven
 without a GPU; whole models against float64 within bounds derived below.
 """
 from __future__ import annotations
 
 import ctypes
-import sys
-import types
 import warnings
 
 import ml_dtypes
