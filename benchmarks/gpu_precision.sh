@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the precision modes (issue 12), in one script of about 8 minutes:
 #   1. the device tests of tests/test_precision.py (cuBLAS tf32/bf16 within the CPU-derived bounds,
+#      captured-graph replay equal to the eager loop (tests/test_cuda_graphs.py -k precision),
 #      bf16 equal to the NumPy emulation, which TF32 rounding cuBLAS applies)
 #   2. xlstm bench on the cupy backend over the issue's grid (H 512,1024,2048; T 64,256; B 64,256;
 #      one layer) in float32, tf32 and bf16, torch beside it in the same mode (TF32 off / on,
@@ -11,8 +12,8 @@
 #   bash benchmarks/gpu_precision.sh OUT_DIR
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" "$@"     # OUT, ROOT, PY, START; cd "$ROOT"
 
-echo "== pytest -m gpu tests/test_precision.py (limit 120 s)"
-timeout 120 "$PY" -m pytest -m gpu tests/test_precision.py -q -s -p no:cacheprovider > "$OUT/pytest_precision.txt" 2>&1
+echo "== pytest -m gpu tests/test_precision.py, test_cuda_graphs.py -k precision (limit 120 s)"
+timeout 120 "$PY" -m pytest -m gpu tests/test_precision.py tests/test_cuda_graphs.py -k precision -q -s -p no:cacheprovider > "$OUT/pytest_precision.txt" 2>&1
 PYTEST_RC=$?
 grep -E "TF32 operand rounding|passed|failed" "$OUT/pytest_precision.txt"
 

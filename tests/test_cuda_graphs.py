@@ -268,6 +268,27 @@ def test_gpu_replay_equals_eager_bitwise(gpu_be, dtype, name, kwargs, use_length
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_gpu_precision_replay_equals_eager_bitwise(gpu_be, mode, layer_norm):
+    """cublasGemmEx and the bf16 cast captured and replayed: bitwise equal to the eager loop."""
+    be = gpu_be
+    prev, be.cuda_graphs = be.cuda_graphs, True
+    try:
+        model = None
+        for seed, model_seed in ((21, 1), (22, 1), (23, 2)):
+            model = None if model_seed == 2 else model
+            got, _, model = _run_mode(be, mode, layer_norm, seed, model_seed, model)
+            be.cuda_graphs = False
+            want, _, _ = _run_mode(be, mode, layer_norm, seed, model_seed)
+            be.cuda_graphs = True
+            _assert_bitwise(got, want, f"{mode} seed {seed}")
+        assert be.graphs.replays > 0
+    finally:
+        be.cuda_graphs = prev
+
+
+@pytest.mark.gpu
 def test_gpu_graphed_models_match_numpy(gpu_be):
     for name, kwargs, use_lengths in CONFIGS:
         for seed in (5, 6):

@@ -32,6 +32,12 @@ of ``xlstm.backends.persistent`` (UNMEASURED: written without a GPU) and falls b
 per-step loop (graph-replayed where graphs are on) where the grid does not fit; "on" raises
 instead of falling back. Persistent launches are never captured into a graph (each zeroes its
 own grid-barrier counter) and ``eager()`` (traces) runs the per-step loop.
+
+Precision modes (``xlstm/precision.py``): tf32/bf16 products go through the same
+``CublasGemm`` handle (``gemm_ex``, cublasGemmEx) with operands prepared by ``cupy_gemm.py``,
+so they are captured and replayed like float32 (``precision`` is part of the graph key, the
+rounded U / U^T a graph input); without nvmath-python they raise, naming the install. The
+persistent kernels multiply in full float32/float64, so tf32/bf16 always take the per-step loop.
 """
 from __future__ import annotations
 
