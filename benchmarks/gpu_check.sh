@@ -16,15 +16,8 @@
 #
 # Works on a bare machine with cupy, torch and nvcc but without this package installed: it runs
 # from the source tree with PYTHONPATH (no pip install, no network). PYTHON picks the interpreter.
-set -u
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${1:-$ROOT/benchmarks/results/gpu-h200}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-START=$(date +%s)
+DEFAULT_OUT=benchmarks/results/gpu-h200
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" "$@"     # OUT, ROOT, PY, START; cd "$ROOT"
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -22,8 +22,9 @@ from xlstm.kernels import KERNELS_DIR, SOURCES, kernel_source
 SHIM = Path(__file__).resolve().parent / "kernels_host_shim.cpp"
 
 _CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong,
-           "unsigned int": ctypes.c_uint}
-_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64, "unsigned int": np.uint32}
+           "unsigned short": ctypes.c_uint16, "unsigned int": ctypes.c_uint}
+_NUMPY = {"float": np.float32, "double": np.float64, "long long": np.int64, "unsigned short": np.uint16,
+          "unsigned int": np.uint32}
 
 # Kernels whose host twin runs a whole launch's schedule: after the kernel's own parameters it
 # takes the launch's grid size, block size and dynamic shared-memory bytes (long long each).

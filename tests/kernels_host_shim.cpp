@@ -18,6 +18,7 @@
 
 #include "lstm_persistent.cuh"
 #include "lstm_pointwise.cuh"
+#include "precision.cuh"
 
 namespace {
 
@@ -233,5 +234,9 @@ void host_lstm_backward_step_f64(const double* gates, const double* c_prev, cons
 
 XLSTM_LN_SHIM(float, f32)
 XLSTM_LN_SHIM(double, f64)
+
+void host_f32_to_bf16(const float* x, unsigned short* y, long long n) {
+  for (long long k = 0; k < n; ++k) y[k] = xlstm::f32_to_bf16_bits(x[k]);
+}
 
 }  // extern "C"

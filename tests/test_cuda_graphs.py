@@ -282,6 +282,27 @@ def test_gpu_replay_equals_eager_bitwise(gpu_be, dtype, name, kwargs, use_length
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_gpu_precision_replay_equals_eager_bitwise(gpu_be, mode, layer_norm):
+    """cublasGemmEx and the bf16 cast captured and replayed: bitwise equal to the eager loop."""
+    be = gpu_be
+    prev, be.cuda_graphs = be.cuda_graphs, True
+    try:
+        model = None
+        for seed, model_seed in ((21, 1), (22, 1), (23, 2)):
+            model = None if model_seed == 2 else model
+            got, _, model = _run_mode(be, mode, layer_norm, seed, model_seed, model)
+            be.cuda_graphs = False
+            want, _, _ = _run_mode(be, mode, layer_norm, seed, model_seed)
+            be.cuda_graphs = True
+            _assert_bitwise(got, want, f"{mode} seed {seed}")
+        assert be.graphs.replays > 0
+    finally:
+        be.cuda_graphs = prev
+
+
+@pytest.mark.gpu
 def test_gpu_graphed_models_match_numpy(gpu_be):
     for name, kwargs, use_lengths in CONFIGS:
         for seed in (5, 6):
@@ -343,3 +364,119 @@ def test_an_error_inside_the_capture_ends_it_and_caches_nothing(graphed):
     assert fake.capturing is None and len(be.graphs) == 0
     be.lstm_forward_sequence(gates, hs, cs, U, 1.0, mask=np.ones((T, B), np.float32))   # still works
     assert len(be.graphs) == 1 and np.all(hs[1:] == 0)
+
+
+# -- precision modes (tf32/bf16 through CublasGemm.gemm_ex) under graph replay ---------------------
+def _run_mode(be, mode, layer_norm, seed, model_seed=1, model=None):
+    m = model or xlstm.LSTM(4, 6, num_layers=2, layer_norm=layer_norm, seed=model_seed, backend=be)
+    m.precision = mode
+    return _run(be, "float32", {}, False, seed, model=m)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_precision_replay_equals_eager_bitwise(graphed, mode, layer_norm):
+    """Captured on the first call (the bf16 cast's scratch must exist before capture: the
+    stand-in refuses allocation there), replayed with new inputs and with new weights (the
+    rounded U / U^T is a graph input), each bitwise equal to the eager loop."""
+    be, fake = graphed
+    model = None
+    for call, (seed, model_seed) in enumerate(((11, 1), (12, 1), (13, 2))):
+        if call == 2:
+            model = None
+        got, _, model = _run_mode(be, mode, layer_norm, seed, model_seed, model)
+        be.cuda_graphs = False
+        try:
+            want, _, _ = _run_mode(be, mode, layer_norm, seed, model_seed)
+        finally:
+            be.cuda_graphs = True
+        _assert_bitwise(got, want, f"{mode} call {call}")
+    # 3 calls x (forward, backward) x 2 layers of one shape: two graphs, the rest replays
+    assert be.graphs.captures == 2 and be.graphs.replays == 3 * 2 * 2 - 2
+    assert all(("precision", mode) in k for k in be.graphs.keys())
+    ops = [op for graph in fake.captured for op in graph]
+    assert "gemm_ex" in ops and "gemm" not in ops             # every recurrent product in the mode
+    assert ("f32_to_bf16" in ops) == (mode == "bf16")         # the per-step cast, inside the graph
+
+
+def test_precision_selects_the_graph(graphed):
+    be, _ = graphed
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    m = xlstm.LSTM(4, 5, seed=0, backend=be)
+    outs = {}
+    for mode in ("float32", "bf16", "tf32", "bf16"):
+        m.precision = mode
+        outs[mode] = np.array(m.forward(x)[0])
+    assert be.graphs.captures == 3 and be.graphs.replays == 1
+    assert not np.array_equal(outs["bf16"], outs["float32"])  # not the float32 graph replayed
+
+
+def test_a_rounded_operand_left_out_is_caught(graphed, monkeypatch):
+    """Drop the copy-in of U (here a Rounded bf16 operand): a second call with other weights
+    must come out wrong, so the bitwise test above does check that U is a graph input."""
+    from xlstm.backends import cuda_graphs
+
+    be, _ = graphed
+    spec = dict(cuda_graphs.SPECS["lstm_forward_sequence"])
+    spec["read"] = {k: v for k, v in spec["read"].items() if k != "U"}
+    monkeypatch.setitem(cuda_graphs.SPECS, "lstm_forward_sequence", spec)
+    _run_mode(be, "bf16", False, 1, model_seed=1)
+    got, _, _ = _run_mode(be, "bf16", False, 1, model_seed=2)
+    be.cuda_graphs = False
+    want, _, _ = _run_mode(be, "bf16", False, 1, model_seed=2)
+    assert not np.array_equal(got["y"], want["y"])
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_persistent_kernels_are_not_picked_for_a_reduced_precision(graphed, mode):
+    """The persistent kernels multiply in full float32: picked for float32 at this shape, never
+    for tf32/bf16 ("auto" runs the per-step loop, "on" refuses and says why)."""
+    from xlstm.backends.persistent import PersistentUnfit
+
+    be, fake = graphed
+    be.persistent = "auto"
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    m = xlstm.LSTM(4, 8, seed=0, backend=be)
+    m.forward(x)
+    assert be.last_path == "persistent"
+    m.precision = mode
+    fake.launches.clear()
+    m.forward(x)
+    assert be.last_path == "per-step" and not any("persistent" in k for k in fake.launches)
+    be.persistent = "on"
+    with pytest.raises(PersistentUnfit, match=f"precision '{mode}'"):
+        m.forward(x)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_without_nvmath_a_reduced_precision_refuses(host_lib, monkeypatch, mode):
+    """No silent float32: without nvmath-python's cuBLAS, tf32/bf16 on CuPy is an error naming it."""
+    from xlstm.backends import cupy_backend
+
+    install_fakes(host_lib, monkeypatch, nvmath=False)
+    monkeypatch.setattr(cupy_backend, "_graphs_note_shown", True)
+    m = xlstm.LSTM(3, 4, seed=0, backend=cupy_backend.CupyBackend(), precision=mode)
+    with pytest.raises(xlstm.BackendUnavailableError, match="nvmath-python"):
+        m.forward(np.ones((3, 2, 3), np.float32))
+
+
+def test_fake_nvmath_matches_the_real_binding():
+    """The stand-in's gemm_ex takes the real nvmath 1.x binding's parameters in its order, and
+    its enum values are the real ones (so what passes here is what the device gets)."""
+    import inspect
+    import re
+
+    from test_cupy_backend import make_fake_cupy, make_fake_nvmath
+
+    real = pytest.importorskip("nvmath.bindings.cublas")
+    import nvmath
+
+    fake = make_fake_nvmath(make_fake_cupy(None))
+    cb = fake["nvmath.bindings.cublas"]
+    sig = re.match(r"gemm_ex\((.*?)\)", real.gemm_ex.__doc__).group(1)
+    assert [p.split()[-1] for p in sig.split(",")] == list(inspect.signature(cb.gemm_ex).parameters)
+    for enum_name in ("ComputeType", "GemmAlgo"):
+        for member in getattr(cb, enum_name):
+            assert int(getattr(getattr(real, enum_name), member.name)) == int(member), member
+    for member in fake["nvmath"].CudaDataType:
+        assert int(getattr(nvmath.CudaDataType, member.name)) == int(member), member

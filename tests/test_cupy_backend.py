@@ -357,10 +357,59 @@ def make_fake_nvmath(fake):
             fake.submit(run, stream, "gemm")
         return g
 
+    # cublasGemmEx for the precision modes, with nvmath 1.0's enum names and the CUDA headers'
+    # values (cublas_api.h, library_types.h; test_fake_nvmath_enums_are_the_real_ones)
+    cublas.ComputeType = enum.IntEnum("ComputeType", {"COMPUTE_32F": 68, "COMPUTE_32F_FAST_TF32": 77,
+                                                      "COMPUTE_64F": 70})
+    cublas.GemmAlgo = enum.IntEnum("GemmAlgo", {"DEFAULT": -1, "DEFAULT_TENSOR_OP": 99})
+    data_type = enum.IntEnum("CudaDataType", {"CUDA_R_32F": 0, "CUDA_R_64F": 1, "CUDA_R_16BF": 14})
+    fake.gemm_ex_calls = []
+
+    def gemm_ex(handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb, beta, c, ctype, ldc,
+                compute_type, algo):    # nvmath 1.0's parameter names (checked against the real one)
+        # the column-major contract on raw host addresses: bf16 operands are uint16 bits, TF32
+        # compute rounds both operands to nearest even (what the NumPy emulation does)
+        from xlstm.precision import round_tf32
+
+        h, compute = handle, compute_type
+        st = handles[h]
+        assert st["pointer_mode"] == 0, "alpha/beta are host pointers"
+        assert ctype == data_type.CUDA_R_32F and atype == btype and algo == cublas.GemmAlgo.DEFAULT
+        assert compute == (cublas.ComputeType.COMPUTE_32F_FAST_TF32 if atype == data_type.CUDA_R_32F
+                           else cublas.ComputeType.COMPUTE_32F), (atype, compute)
+        stream = fake.streams[st["stream"]]
+        if fake.capturing is not None:
+            assert st["workspace"] is not None, \
+                "cuBLAS without a user workspace (reset by set_stream) would allocate during capture"
+        fake.gemm_ex_calls.append(dict(transa=transa, transb=transb, m=m, n=n, k=k, Atype=atype,
+                                       compute=compute, stream=st["stream"]))
+        dt = {data_type.CUDA_R_32F: np.float32, data_type.CUDA_R_16BF: np.uint16}[atype]
+        al = ctypes.cast(alpha, ctypes.POINTER(ctypes.c_float))[0]
+        be = ctypes.cast(beta, ctypes.POINTER(ctypes.c_float))[0]
+        A = _colmajor(a, *((m, k) if transa == 0 else (k, m)), lda, dt)
+        B = _colmajor(b, *((k, n) if transb == 0 else (n, k)), ldb, dt)
+        C = _colmajor(c, m, n, ldc, np.float32)
+
+        def value(X):
+            if dt == np.uint16:
+                return (X.astype(np.uint32) << 16).view(np.float32)
+            return round_tf32(np.ascontiguousarray(X))
+
+        def run():
+            opA = value(A) if transa == 0 else value(A).T
+            opB = value(B) if transb == 0 else value(B).T
+            prod = opA.astype(np.float64) @ opB
+            C[...] = (al * prod + (be * C if be != 0 else 0)).astype(np.float32)
+
+        fake.gemms.append(("nvmath_ex", m, n, k))
+        fake.submit(run, stream, "gemm_ex")
+
     cublas.create, cublas.destroy, cublas.set_stream = create, destroy, set_stream
     cublas.set_workspace, cublas.set_pointer_mode = set_workspace, set_pointer_mode
     cublas.sgemm, cublas.dgemm = make_gemm(np.float32), make_gemm(np.float64)
+    cublas.gemm_ex = gemm_ex
     nvmath = types.ModuleType("nvmath")
+    nvmath.CudaDataType = data_type
     bindings = types.ModuleType("nvmath.bindings")
     bindings.cublas, nvmath.bindings = cublas, bindings
     fake.cublas_handles = handles

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import XlstmError
+from .errors import InputError, XlstmError
 
 FULL_HIDDEN = (64, 128, 256, 512, 1024, 2048)
 FULL_SEQ = (16, 64, 256)
@@ -54,9 +54,13 @@ QUICK_SEQ = (16, 64)
 
 # float32 results are compared relative to the largest magnitude of the reference
 TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
+# tf32/bf16 (xlstm and torch both rounding GEMM operands, differently): 20 unit roundoffs, a
+# sanity check that catches wrong results (O(1) errors), not a measure of precision (that is
+# xlstm.precision_error.error_against_float64, bounded in tests/test_precision.py)
+PRECISION_TOLERANCE = {"tf32": 20 * 2.0 ** -11, "bf16": 20 * 2.0 ** -8}
 
 COLUMNS = [
-    "backend", "device", "H", "T", "B", "layers", "dtype", "status",
+    "backend", "device", "H", "T", "B", "layers", "dtype", "precision", "status",
     "fwd_ms", "step_ms", "fwd_tokens_per_s", "step_tokens_per_s",
     "floor_fwd_ms", "floor_step_ms", "fwd_over_floor", "step_over_floor",
     "torch_fwd_ms", "torch_step_ms", "fwd_over_torch", "step_over_torch",
@@ -288,11 +292,20 @@ class GemmFloor:
     as the layer does), then ``X2^T @ dZ`` (dW), ``H_prev^T @ dZ`` (dU), ``dZ @ W^T`` (dx).
     Buffers are allocated once here; the timed calls only multiply. Small per-step GEMMs run
     on one OpenBLAS thread, as in the NumPy backend (``numpy_backend.SMALL_GEMM_MACS``).
+    With a precision other than float32 the products are the backend's in that mode (U and U^T
+    rounded once per call, as the layer does; on NumPy that includes the emulation's rounding).
     """
 
-    def __init__(self, xp, T, B, D, H, layers, dtype, seed=0):
+    def __init__(self, xp, T, B, D, H, layers, dtype, seed=0, backend=None, precision="float32"):
         rng = np.random.default_rng(seed)
         self.xp, self.T = xp, T
+        self.backend, self.precision = backend, precision
+        if precision == "float32" or backend is None:
+            self.mm = lambda a, b, out: xp.matmul(a, b, out=out)
+            self.operand = lambda a: a
+        else:
+            self.mm = lambda a, b, out: backend.matmul(a, b, out=out, precision=precision)
+            self.operand = lambda a: backend.gemm_operand(a, precision)
 
         def arr(*shape):
             return xp.asarray(rng.standard_normal(shape).astype(dtype) * 0.1)
@@ -329,29 +342,31 @@ class GemmFloor:
     def forward(self):
         xp, T = self.xp, self.T
         for L in self.layers:
-            xp.matmul(L["x2"], L["W"], out=L["gates"].reshape(L["x2"].shape[0], -1))
-            hs, tmp, U = L["hs"], L["tmp"], L["U"]
+            mm = self.mm
+            mm(L["x2"], L["W"], L["gates"].reshape(L["x2"].shape[0], -1))
+            hs, tmp, U = L["hs"], L["tmp"], self.operand(L["U"])
 
             def loop():
                 for t in range(T):
-                    xp.matmul(hs[t], U, out=tmp)
+                    mm(hs[t], U, tmp)
             self._loop(loop)
 
     def backward(self):
         xp, T = self.xp, self.T
         for L in reversed(self.layers):
-            UT = xp.ascontiguousarray(L["U"].T)
+            mm = self.mm
+            UT = self.operand(xp.ascontiguousarray(L["U"].T))
             dz, dh = L["dz"], L["dh"]
 
             def loop():
                 for t in range(T - 1, -1, -1):
-                    xp.matmul(dz[t], UT, out=dh)
+                    mm(dz[t], UT, dh)
             self._loop(loop)
             dz2 = dz.reshape(-1, dz.shape[2])
             H = L["U"].shape[0]
-            xp.matmul(L["x2"].T, dz2, out=L["dW"])
-            xp.matmul(L["hs"][:-1].reshape(-1, H).T, dz2, out=L["dU"])
-            xp.matmul(dz2, L["W"].T, out=L["dx"])
+            mm(L["x2"].T, dz2, L["dW"])
+            mm(L["hs"][:-1].reshape(-1, H).T, dz2, L["dU"])
+            mm(dz2, L["W"].T, L["dx"])
 
     def step(self):
         self.forward()
@@ -440,11 +455,13 @@ class Contender:
 class CellRunner:
     """Builds the models and inputs of one cell on one backend; checks; times."""
 
-    def __init__(self, cell: Cell, backend, dtype: str, torch, seed: int = 0, use_torch: bool = True):
+    def __init__(self, cell: Cell, backend, dtype: str, torch, seed: int = 0, use_torch: bool = True,
+                 precision: str = "float32"):
         import xlstm
         from xlstm import interop
 
         self.cell, self.backend, self.dtype, self.seed = cell, backend, dtype, seed
+        self.precision = precision
         self.torch = torch if use_torch else None
         xp = backend.xp
         H, T, B, D, L = cell.H, cell.T, cell.B, cell.D, cell.layers
@@ -469,14 +486,25 @@ class CellRunner:
                 self.torch = None               # nothing to time torch against on this device
             else:
                 if self.tdevice == "cuda":
-                    # full float32 on both sides: cuDNN/cuBLAS would otherwise use TF32 tensor
-                    # cores, which is a different precision (and fails the 2e-3 check at long T)
-                    tt.backends.cudnn.allow_tf32 = False
-                    tt.backends.cuda.matmul.allow_tf32 = False
+                    # the same precision on both sides: float32 turns TF32 tensor cores off (they
+                    # would fail the 2e-3 check at long T); --precision tf32 turns them on; bf16
+                    # runs torch under autocast(bfloat16) (see _autocast)
+                    tt.backends.cudnn.allow_tf32 = precision == "tf32"
+                    tt.backends.cuda.matmul.allow_tf32 = precision == "tf32"
                 self.tlstm = tlstm.to(device=self.tdevice)
                 self.tx = tt.from_numpy(self.x_host).to(self.tdevice).requires_grad_(True)
                 self.tdy = tt.from_numpy(self.dy_host).to(self.tdevice)
-        self.floor = GemmFloor(xp, T, B, D, H, L, np.dtype(dtype), seed=seed)
+        self.lstm.precision = precision
+        self.floor = GemmFloor(xp, T, B, D, H, L, np.dtype(dtype), seed=seed, backend=backend, precision=precision)
+
+    def _autocast(self):
+        """torch's side of --precision bf16: autocast(bfloat16) (cuDNN's LSTM in bf16 on a GPU);
+        a no-op context otherwise (tf32 is the allow_tf32 switches; on the CPU torch has none)."""
+        import contextlib
+
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return self.torch.autocast(device_type=self.tdevice, dtype=self.torch.bfloat16)
 
     # the timed functions: each ends with the device synchronised
     def xlstm_fwd(self):
@@ -493,14 +521,15 @@ class CellRunner:
             self.torch.cuda.synchronize()
 
     def torch_fwd(self):
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self._autocast():
             self.tlstm(self.tx)
         self._tsync()
 
     def torch_step(self):
         self.tx.grad = None
-        y, _ = self.tlstm(self.tx)
-        y.backward(self.tdy)
+        with self._autocast():
+            y, _ = self.tlstm(self.tx)
+        y.backward(self.tdy.to(y.dtype))
         self._tsync()
 
     def floor_fwd(self):
@@ -529,7 +558,7 @@ class CellRunner:
     def check(self, other=None) -> float:
         """Max relative error against torch (or the float64 reference) and ``other`` (host results)."""
         y, dx, grads = self.run_once()
-        tol = TOLERANCE[self.dtype]
+        tol = TOLERANCE[self.dtype] if self.precision == "float32" else PRECISION_TOLERANCE[self.precision]
         errs = {}
         if self.torch is not None:
             from xlstm import interop
@@ -537,10 +566,11 @@ class CellRunner:
             for p in self.tlstm.parameters():
                 p.grad = None
             self.tx.grad = None
-            ty, _ = self.tlstm(self.tx)
-            ty.backward(self.tdy)
+            with self._autocast():
+                ty, _ = self.tlstm(self.tx)
+            ty.backward(self.tdy.to(ty.dtype))
             self._tsync()
-            errs["y vs torch"] = _rel_err(y, ty.detach().cpu().numpy())
+            errs["y vs torch"] = _rel_err(y, ty.detach().float().cpu().numpy())
             errs["dx vs torch"] = _rel_err(dx, self.tx.grad.detach().cpu().numpy())
             ours = interop.to_torch_state_dict(self.lstm, grads=True)
             for name, p in self.tlstm.named_parameters():
@@ -680,7 +710,8 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     """Check, time and measure one cell on one backend; returns a result row (dict)."""
     row = {c: None for c in COLUMNS}
     row.update(backend=backend.name, device="gpu" if backend.name == "cupy" else "cpu",
-               H=cell.H, T=cell.T, B=cell.B, layers=cell.layers, dtype=args.dtype, note="")
+               H=cell.H, T=cell.T, B=cell.B, layers=cell.layers, dtype=args.dtype,
+               precision=args.precision, note="")
     torch_on = torch is not None and not args.no_torch
     est = planner.estimate(backend.name, cell, torch_on)
     if est is not None and (est > args.max_cell_seconds or est > planner.left()):
@@ -691,7 +722,8 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
         return row, None
     t_cell = time.perf_counter()
     load = ForeignLoad()
-    runner = CellRunner(cell, backend, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch)
+    runner = CellRunner(cell, backend, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
+                        precision=args.precision)
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
@@ -746,7 +778,9 @@ def format_table(rows) -> str:
     lines = []
     groups = {}
     for r in rows:
-        groups.setdefault((r["backend"], r["B"], r["dtype"]), []).append(r)
+        prec = r.get("precision") or "float32"
+        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
+                          []).append(r)
     for (be, B, dtype), rs in groups.items():
         has_speedup = any(r.get("speedup_vs_numpy") for r in rs)
         lines.append(f"\n{be} backend ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}; times in ms "
@@ -782,7 +816,9 @@ def markdown_table(rows) -> str:
     out = []
     groups = {}
     for r in rows:
-        groups.setdefault((r["backend"], r["B"], r["dtype"]), []).append(r)
+        prec = r.get("precision") or "float32"
+        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
+                          []).append(r)
     for (be, B, dtype), rs in groups.items():
         sp = any(r.get("speedup_vs_numpy") for r in rs)
         out.append(f"\n**{be}** ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}, times in ms (medians)\n")
@@ -907,6 +943,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_parse_ints, default=(32,), help="batch size(s), default 32")
     parser.add_argument("--layers", type=_parse_ints, default=None, help="layer counts, default 1,2")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--precision", choices=("float32", "tf32", "bf16"), default="float32",
+                        help="GEMM operand precision of xlstm (float32 accumulation) and of torch's side: "
+                             "tf32 = cuDNN/cuBLAS TF32 on, bf16 = torch.autocast(bfloat16); on the numpy "
+                             "backend an emulation, slower than float32 (default float32)")
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
@@ -947,7 +987,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _warm_up_process(backends, args, torch):
     """One tiny untimed cell per backend first: imports, first-call set-up and thread pools."""
     for be in backends:
-        r = CellRunner(Cell(8, 4, 2, 1), be, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch)
+        r = CellRunner(Cell(8, 4, 2, 1), be, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
+                       precision=args.precision)
         r.check()
         for c in r.contenders():
             c.fn()
@@ -977,6 +1018,9 @@ def _apply_threads(n, torch):
 def run(args) -> int:
     if args.load:
         return _run_load(args)
+    if getattr(args, "precision", "float32") != "float32" and args.dtype != "float32":
+        raise InputError(f"--precision {args.precision} rounds float32 GEMM operands, so it needs --dtype float32 "
+                         f"(got --dtype {args.dtype})")
     quick = args.quick
     hidden = args.hidden or (QUICK_HIDDEN if quick else FULL_HIDDEN)
     seqs = args.seq_len or (QUICK_SEQ if quick else FULL_SEQ)
@@ -999,13 +1043,13 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "input_size": "= H",
+            "dtype": args.dtype, "precision": args.precision, "input_size": "= H",
             "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
             "persistent": args.persistent,
             "timing": "medians of interleaved rounds after warm-up, "
             "GPU synchronised after every call (perf_counter)"}
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "
-          f"{args.dtype}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
+          f"{args.dtype}, precision {args.precision}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
           f"cells over {args.max_cell_seconds:g} s skipped", file=sys.stderr)
     planner = Planner(args)
     bar = _progress(len(cells) * len(backends), not args.no_progress)

@@ -28,11 +28,12 @@ class Dense(Module):
     x [..., in] -> y [..., out];  W [in, out], b [out].
     Backward, with x and dy flattened to [N, in] and [N, out]:
         dW += x^T dy,   db += sum_n dy,   dx = dy W^T.
+    precision: "float32" | "tf32" | "bf16", the three products' operand format (as LSTM).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype="float32", seed=None, backend=None):
-        super().__init__(dtype=dtype, backend=backend)
+                 dtype="float32", seed=None, backend=None, precision="float32"):
+        super().__init__(dtype=dtype, backend=backend, precision=precision)
         self.in_features = _check_size(in_features, "in_features")
         self.out_features = _check_size(out_features, "out_features")
         self.bias = bool(bias)
@@ -51,7 +52,11 @@ class Dense(Module):
             raise InputError(f"x has shape {tuple(x.shape)}, expected [..., {self.in_features}] "
                              f"(the last axis must be in_features={self.in_features})")
         self._x = x
-        y = x @ self.params["W"]
+        if self.precision == "float32":
+            y = x @ self.params["W"]
+        else:
+            y = self.backend.matmul(x.reshape(-1, self.in_features), self.params["W"],
+                                    precision=self.precision).reshape(tuple(x.shape[:-1]) + (self.out_features,))
         if self.bias:
             y += self.params["b"]
         return y
@@ -65,16 +70,22 @@ class Dense(Module):
                       shape=tuple(x.shape[:-1]) + (self.out_features,), dims="[..., out_features]")
         x2 = x.reshape(-1, self.in_features)
         dy2 = dy.reshape(-1, self.out_features)
-        self.grads["W"] += x2.T @ dy2
+        if self.precision == "float32":
+            self.grads["W"] += x2.T @ dy2
+        else:
+            self.backend.matmul_add(x2.T, dy2, self.grads["W"], self.precision)
         if self.bias:
             self.grads["b"] += dy2.sum(axis=0)
-        return dy @ self.params["W"].T
+        if self.precision == "float32":
+            return dy @ self.params["W"].T
+        return self.backend.matmul(dy2, self.params["W"].T, precision=self.precision).reshape(x.shape)
 
     def __call__(self, x):
         return self.forward(x)
 
     def __repr__(self):
-        return f"Dense({self.in_features}, {self.out_features}, bias={self.bias}, dtype='{self.dtype.name}')"
+        prec = "" if self.precision == "float32" else f", precision='{self.precision}'"
+        return f"Dense({self.in_features}, {self.out_features}, bias={self.bias}, dtype='{self.dtype.name}'{prec})"
 
 
 # -- the embedding gradient, deterministic on every backend ----------------------------------------
@@ -241,6 +252,21 @@ class Sequential(Module):
     @property
     def dtype(self):
         return self.modules[0].dtype
+
+    @property
+    def precision(self) -> str:
+        """The children's GEMM precision ('mixed' when they differ); setting it sets every child's."""
+        found = {m.precision for m in self.modules if hasattr(m, "precision")}
+        return found.pop() if len(found) == 1 else ("float32" if not found else "mixed")
+
+    @precision.setter
+    def precision(self, value) -> None:
+        from .precision import check_precision
+
+        check_precision(value, self.dtype)          # refuse before changing any child
+        for m in self.modules:
+            if hasattr(m, "precision"):
+                m.precision = value
 
     @property
     def params(self) -> dict:

@@ -62,13 +62,16 @@ class LSTM(Module):
             definition; evaluation uses the expectation).
         dtype: "float32" or "float64". seed: seeds initialisation and the dropout/zoneout masks.
         backend: "numpy", "cupy", "auto" or None (the current backend, see ``xlstm.set_backend``).
+        precision: "float32" (default, exact), "tf32" or "bf16": the GEMMs' operands are rounded
+            to that format and summed in float32; state, pointwise math and gradients stay
+            float32 (``xlstm/precision.py``). float32 models only. Emulated (slower) on NumPy.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bidirectional: bool = False, layer_norm: bool = False, forget_bias: float = 1.0,
                  dtype="float32", seed=None, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
-                 layer_norm_eps: float = 1e-12, backend=None):
-        super().__init__(dtype, backend)
+                 layer_norm_eps: float = 1e-12, backend=None, precision="float32"):
+        super().__init__(dtype, backend, precision)
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -114,7 +117,8 @@ class LSTM(Module):
     def __repr__(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k in ("num_layers", "bidirectional", "layer_norm")
                         if getattr(self, k) not in (1, False))
-        return (f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}, "
+        prec = "" if self.precision == "float32" else f", precision={self.precision!r}"
+        return (f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}{prec}, "
                 f"backend={self.backend.name!r})")
 
     # -- input checks ---------------------------------------------------------------------
@@ -185,6 +189,8 @@ class LSTM(Module):
         instead of drawing new ones. Returns y [T,B,H*dirs] and (h_n, c_n) [layers*dirs,B,H].
         trace=True records every named intermediate into a new ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace or self.tracer is not None:
+            self._check_traceable()
         if trace:
             from .trace import traced_call
             return traced_call(self, "forward", x, state, lengths, masks)
@@ -223,6 +229,12 @@ class LSTM(Module):
 
     __call__ = forward
 
+    def _check_traceable(self):
+        if self.precision != "float32":
+            raise InputError(f"trace checks the fast path against the float32 reference cell, so it needs "
+                             f"precision='float32' (this LSTM has precision={self.precision!r}); set "
+                             "lstm.precision = 'float32' to trace")
+
     def _reverse(self, a, rev):
         """a [T,B,...] read backwards in time within each sequence's length."""
         if rev is None:
@@ -243,23 +255,26 @@ class LSTM(Module):
         zc, zh, gm = masks
         x2 = xp.ascontiguousarray(x).reshape(T * B, D)
         gates = xp.empty((T, B, 4 * H), self.dtype)
-        xp.matmul(x2, W, out=gates.reshape(T * B, 4 * H))       # input GEMM for all steps
+        P = self.precision
+        be.matmul(x2, W, out=gates.reshape(T * B, 4 * H), precision=P)   # input GEMM for all steps
+        U = be.gemm_operand(U, P)                               # rounded once per call (tf32/bf16)
         hs = xp.empty((T + 1, B, H), self.dtype)
         cs = xp.empty((T + 1, B, H), self.dtype)
         hs[0] = 0 if h0 is None else h0
         cs[0] = 0 if c0 is None else c0
         with self._loop_mode():
-            extra = self._forward_loop(p, gates, hs, cs, U, step_mask, zc, zh, gm)
+            extra = self._forward_loop(p, gates, hs, cs, U, step_mask, zc, zh, gm, P)
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
-        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra)
+        return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
 
     def _loop_mode(self):
         """Traced calls run the backend's eager per-step loop (no CUDA-graph capture/replay)."""
         return self.backend.eager() if self.tracer is not None else contextlib.nullcontext()
 
-    def _forward_loop(self, p, gates, hs, cs, U, step_mask, zc, zh, gm):
-        """The backend's time loop of one layer-direction; returns the LN cell's stored values."""
+    def _forward_loop(self, p, gates, hs, cs, U, step_mask, zc, zh, gm, P):
+        """The backend's time loop of one layer-direction in precision ``P`` (U: its ``gemm_operand``);
+        returns the LN cell's stored values."""
         xp, be = self.xp, self.backend
         T, B, H4 = gates.shape
         if self.layer_norm:
@@ -269,11 +284,11 @@ class LSTM(Module):
                          chat=xp.empty((T, B, H4 // 4), self.dtype), rstd_c=xp.empty((T, B), self.dtype))
             be.ln_lstm_forward_sequence(gates, extra["zhat"], extra["rstd"], extra["chat"], extra["rstd_c"],
                                         hs, cs, U, gain, shift, c_gain, c_shift, self.forget_bias,
-                                        self.layer_norm_eps, step_mask, zc, zh, gm)
+                                        self.layer_norm_eps, step_mask, zc, zh, gm, precision=P)
         else:
             gates += self.params[p + "b"]                       # bias folded into the input GEMM's output
             extra = None
-            be.lstm_forward_sequence(gates, hs, cs, U, self.forget_bias, step_mask, zc, zh, gm)
+            be.lstm_forward_sequence(gates, hs, cs, U, self.forget_bias, step_mask, zc, zh, gm, precision=P)
         return extra
 
     # -- backward -------------------------------------------------------------------------
@@ -285,6 +300,8 @@ class LSTM(Module):
         returns dx [T,B,D] and (dh0, dc0) [layers*dirs,B,H].
         trace=True adds the backward intermediates to ``lstm.last_trace`` (xlstm.trace).
         """
+        if trace or self.tracer is not None:
+            self._check_traceable()
         if trace:
             from .trace import traced_call
             return traced_call(self, "backward", dy, dstate)
@@ -336,7 +353,8 @@ class LSTM(Module):
         dc = xp.zeros((B, H), self.dtype) if dc_n is None else dc_n.copy()
         # U^T made contiguous once per call: BLAS multiplies [B,4H] x [4H,H] faster with a
         # contiguous right operand than through the transposed view (1.2-1.5x measured here)
-        UT = xp.ascontiguousarray(U.T)
+        P = cache["precision"]                                  # the mode the forward ran in
+        UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)      # rounded once per call (tf32/bf16)
         # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
         with self._loop_mode():
             if self.layer_norm:
@@ -345,15 +363,15 @@ class LSTM(Module):
                 be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
                                              gain, c_gain, c_shift, dy, dh, dc, dz, UT,
                                              G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
-                                             G[p + "ln_c_shift"], step_mask, zc, zh, gm)
+                                             G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
             else:
-                be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm)
+                be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
         if not self.layer_norm:
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0
             self.tracer.record_backward(self, k, d, cache, dy, dh_n, dc_n, dz, dh, dc)
         dz2 = dz.reshape(T * B, 4 * H)
-        be.matmul_add(x2.T, dz2, self.grads[p + "W"])          # weight gradients after the loop
-        be.matmul_add(hs[:-1].reshape(T * B, H).T, dz2, self.grads[p + "U"])
-        dx = (dz2 @ W.T).reshape(T, B, -1)
+        be.matmul_add(x2.T, dz2, self.grads[p + "W"], P)       # weight gradients after the loop
+        be.matmul_add(hs[:-1].reshape(T * B, H).T, dz2, self.grads[p + "U"], P)
+        dx = be.matmul(dz2, W.T, precision=P).reshape(T, B, -1)
         return dx, dh, dc

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import backends
 from .errors import InputError
+from .precision import check_precision
 
 DTYPES = ("float32", "float64")
 
@@ -28,12 +29,23 @@ def check_dtype(dtype) -> np.dtype:
 class Module:
     """Base class of LSTM, Dense, Embedding, Sequential."""
 
-    def __init__(self, dtype="float32", backend=None):
+    def __init__(self, dtype="float32", backend=None, precision="float32"):
         self.dtype = check_dtype(dtype)
+        self.precision = precision
         self.backend = backends.resolve(backend)
         self.params: dict = {}
         self.grads: dict = {}
         self.training = True
+
+    @property
+    def precision(self) -> str:
+        """GEMM precision: 'float32' (exact), 'tf32' or 'bf16' (rounded operands, float32
+        accumulation; float32 models only). See ``xlstm/precision.py``. Settable."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value) -> None:
+        self._precision = check_precision(value, self.dtype)
 
     @property
     def xp(self):

@@ -32,7 +32,7 @@ from .errors import InputError, XlstmError
 # with a validation loss well below the unigram entropy (see the README).
 DEFAULTS = dict(level="char", hidden=256, layers=1, embed=64, layer_norm=False, dropout=0.0,
                 zoneout=0.0, seq_len=64, batch=32, steps=None, epochs=None, lr=5e-3, warmup=50,
-                schedule="cosine", clip=1.0, weight_decay=0.0, seed=0, dtype="float32",
+                schedule="cosine", clip=1.0, weight_decay=0.0, seed=0, dtype="float32", precision="float32",
                 val_fraction=0.1, text=None, encoding="utf-8", max_chars=None, vocab_size=5000,
                 eval_every=100, eval_tokens=40_000, save_every=200, keep=3, log_every=10)
 DEFAULT_STEPS = 800
@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, metavar="P", help="recurrent dropout on the candidate g (default 0)")
     g.add_argument("--zoneout", type=float, metavar="P", help="zoneout probability of h and c (default 0)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="parameter dtype (default float32)")
+    g.add_argument("--precision", choices=("float32", "tf32", "bf16"),
+                   help="GEMM operands in float32 (default, exact), TF32 or bfloat16, summed in float32; state, "
+                        "gradients and Adam's weights stay float32. float32 models only; on the numpy backend an "
+                        "emulation, slower than float32")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, metavar="N", help=f"optimiser steps (default {DEFAULT_STEPS})")
     g.add_argument("--epochs", type=float, metavar="N", help="train for N passes over the corpus instead of --steps")
@@ -160,6 +164,9 @@ def _check_config(c: dict) -> None:
             raise InputError(f"{opt(k)} must be a probability in [0, 1), got {c[k]!r}")
     if not 0.0 < c["val_fraction"] <= 0.5:
         raise InputError(f"--val-fraction must lie in (0, 0.5], got {c['val_fraction']!r}")
+    if c.get("precision", "float32") != "float32" and c["dtype"] != "float32":
+        raise InputError(f"--precision {c['precision']} rounds float32 GEMM operands, so it needs --dtype float32 "
+                         f"(got --dtype {c['dtype']}); drop one of the two options")
     if c["layer_norm"] and importlib.util.find_spec("xlstm.layernorm") is None:
         raise InputError("--layer-norm needs xlstm/layernorm.py, which this installation lacks; "
                          "train without --layer-norm or update xlstm")
@@ -172,9 +179,10 @@ def _merge_resumed(saved: dict, given: dict, where: str) -> dict:
     for k, v in given.items():
         if k in RUN_CONTROL:
             cfg[k] = v
-        elif k in saved and saved[k] != v:
+        elif saved.get(k, DEFAULTS.get(k)) != v:     # an option older checkpoints lack had its default
             opt = "--" + k.replace("_", "-")
-            raise InputError(f"the checkpoint {where} was trained with {opt} {saved[k]!r}, but {opt} {v!r} was "
+            raise InputError(f"the checkpoint {where} was trained with {opt} {saved.get(k, DEFAULTS.get(k))!r}, "
+                             f"but {opt} {v!r} was "
                              "given; drop the option to continue that run, or start a new run with another --out")
     if "steps" in given and "epochs" not in given:
         cfg["epochs"] = None
@@ -198,11 +206,13 @@ def build_model(cfg: dict, vocab_size: int, backend):
     from .lstm import LSTM
 
     seed, dt = int(cfg["seed"]), cfg["dtype"]
-    return Sequential(
+    model = Sequential(
         Embedding(vocab_size, cfg["embed"], dtype=dt, seed=[seed, 10], backend=backend),
         LSTM(cfg["embed"], cfg["hidden"], num_layers=cfg["layers"], layer_norm=cfg["layer_norm"],
              recurrent_dropout=cfg["dropout"], zoneout=cfg["zoneout"], dtype=dt, seed=seed, backend=backend),
         Dense(cfg["hidden"], vocab_size, dtype=dt, seed=[seed, 11], backend=backend))
+    model.precision = cfg.get("precision") or "float32"     # checkpoints before precision modes: float32
+    return model
 
 
 def lstm_of(model):
@@ -541,6 +551,11 @@ def _run(args, t_start, backend, group) -> int:
     say(f"  unigram entropy of the corpus: {unigram:.4f} nats/token (the loss to beat); "
         f"{total} steps of {cfg['batch']}x{cfg['seq_len']} tokens "
         f"({total / stream.windows_per_epoch:.2f} epochs); run folder {run_dir}")
+    if cfg.get("precision", "float32") != "float32":
+        say(f"  precision {cfg['precision']}: GEMM operands rounded to {cfg['precision']}, float32 accumulation, "
+            "state and weights"
+            + ("; EMULATED on the numpy backend (slower than float32, for checking, not speed)"
+               if backend.name == "numpy" else ""))
     if group.world > 1:
         say(f"  data-parallel on {group.world} processes ({group.name}): {cfg['batch'] // group.world} streams each")
     if resumed:

@@ -117,34 +117,37 @@ class Backend:
         return None if a is None else a[t]
 
     def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
-                              mask=None, zc=None, zh=None, gmask=None) -> None:
+                              mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """Forward of the plain cell over all T steps, in place.
 
         gates [T,B,4H]: in, x@W + b of every step (the input GEMM, bias folded in);
                   out, post-activation gates i, f, g, o of every step (g before dropout).
         hs, cs [T+1,B,H]: in, the initial state in hs[0], cs[0]; out, hs[t+1], cs[t+1] the
                   (carried) state after step t.
-        U [H,4H]: recurrent weights.  forget_bias: float added to the forget pre-activation.
+        U [H,4H]: recurrent weights (or their ``gemm_operand`` in ``precision``).
+        forget_bias: float added to the forget pre-activation.
         mask [T,B] | None: 1 inside a sequence, 0 past its end.  zc, zh, gmask [T,B,H] | None:
                   zoneout carry fractions and recurrent-dropout mask (see the module doc).
+        precision: of the recurrent products (see ``matmul``).
 
         Per step t: gates[t] += hs[t] @ U, then one ``lstm_forward_step``.
         """
         at = self._at
         for t in range(gates.shape[0]):
-            self.matmul_add(hs[t], U, gates[t])                # recurrent GEMM
+            self.matmul_add(hs[t], U, gates[t], precision)     # recurrent GEMM
             self.lstm_forward_step(gates[t], cs[t], hs[t], cs[t + 1], hs[t + 1], forget_bias,
                                    at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
 
     def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
-                               mask=None, zc=None, zh=None, gmask=None) -> None:
+                               mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """BPTT of the pointwise steps and the recurrent GEMMs over all T steps, in place.
 
         gates [T,B,4H]: post-activation i, f, g, o of every step.  cs [T+1,B,H]: cell states
         (cs[0] the initial one).  dy [T,B,H]: gradient w.r.t. each step's output.
         dh [B,H]: in, dL/dh_T (dh_n); out, dL/dh_0 (dh0).  dc [B,H]: in, dc_n; out, dc0.
         dz [T,B,4H]: out, gradient w.r.t. the pre-activations of every step.
-        UT [4H,H]: U^T (contiguous).  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        UT [4H,H]: U^T (contiguous), or its ``gemm_operand`` in ``precision``.
+        mask [T,B] | None; zc, zh, gmask [T,B,H] | None.  precision: of the dz @ U^T products.
 
         This default is the per-step loop: one ``lstm_backward_step`` and one ``matmul_add``
         per step (on the GPU: one fused kernel and one GEMM). A backend may override it to move
@@ -154,7 +157,7 @@ class Backend:
         for t in reversed(range(gates.shape[0])):
             self.lstm_backward_step(gates[t], cs[t], dy[t], dh, dc, dz[t], dc, dh,
                                     at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
-            self.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+            self.matmul_add(dz[t], UT, dh, precision)          # dh_next for step t-1
 
     # -- the LayerNorm LSTM step (TensorFlow LayerNormBasicLSTMCell) -------------------------
     # Layer norm of a vector v [N]: vhat = (v - mean(v)) * rstd, rstd = 1/sqrt(var(v) + eps)
@@ -213,7 +216,7 @@ class Backend:
 
     def ln_lstm_forward_sequence(self, gates, zhat, rstd, chat, rstd_c, hs, cs, U,
                                  gain, shift, c_gain, c_shift, forget_bias, eps,
-                                 mask=None, zc=None, zh=None, gmask=None) -> None:
+                                 mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """Forward of the LayerNorm cell over all T steps, in place (equations above).
 
         gates [T,B,4H]: in, x@W of every step (no bias: the cell has none);
@@ -221,21 +224,22 @@ class Backend:
         zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]: out, what backward needs
                   (normalised pre-activations and cell states, their 1/sqrt(var + eps)).
         hs, cs [T+1,B,H]: in, the initial state in [0]; out, the state after every step.
-        U [H,4H]; gain, shift [4H] (blocked i, f, g, o); c_gain, c_shift [H];
-        forget_bias, eps: floats.  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        U [H,4H] (or its ``gemm_operand``); gain, shift [4H] (blocked i, f, g, o); c_gain,
+        c_shift [H]; forget_bias, eps: floats.  mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        precision: of the recurrent products.
 
         Per step t: gates[t] += hs[t] @ U, then one ``ln_lstm_forward_step``.
         """
         at = self._at
         for t in range(gates.shape[0]):
-            self.matmul_add(hs[t], U, gates[t])                # recurrent GEMM
+            self.matmul_add(hs[t], U, gates[t], precision)     # recurrent GEMM
             self.ln_lstm_forward_step(gates[t], zhat[t], rstd[t], chat[t], rstd_c[t], cs[t], hs[t],
                                       cs[t + 1], hs[t + 1], gain, shift, c_gain, c_shift,
                                       forget_bias, eps, at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
 
     def ln_lstm_backward_sequence(self, gates, zhat, rstd, chat, rstd_c, cs, gain, c_gain, c_shift,
                                   dy, dh, dc, dz, UT, dgain, dshift, dc_gain, dc_shift,
-                                  mask=None, zc=None, zh=None, gmask=None) -> None:
+                                  mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """BPTT of the LayerNorm cell over all T steps, in place (equations above).
 
         gates, zhat [T,B,4H], rstd [T,B,4], chat [T,B,H], rstd_c [T,B]: stored by the forward.
@@ -243,8 +247,9 @@ class Backend:
         dy [T,B,H]: gradient w.r.t. each step's output.
         dh [B,H]: in, dL/dh_T; out, dL/dh_0.  dc [B,H]: in, dL/dc_T; out, dL/dc_0.
         dz [T,B,4H]: out, gradient w.r.t. the raw pre-activations of every step.
-        UT [4H,H]: U^T (contiguous).  dgain, dshift [4H], dc_gain, dc_shift [H]: accumulated (+=).
-        mask [T,B] | None; zc, zh, gmask [T,B,H] | None.
+        UT [4H,H]: U^T (contiguous), or its ``gemm_operand`` in ``precision``.
+        dgain, dshift [4H], dc_gain, dc_shift [H]: accumulated (+=).
+        mask [T,B] | None; zc, zh, gmask [T,B,H] | None.  precision: of the dz @ U^T products.
 
         Per step t (backwards): one ``ln_lstm_backward_step``, then dh += dz[t] @ U^T.
         """
@@ -254,9 +259,32 @@ class Backend:
                                        gain, c_gain, c_shift, dy[t], dh, dc, dz[t], dc, dh,
                                        dgain, dshift, dc_gain, dc_shift,
                                        at(mask, t), at(zc, t), at(zh, t), at(gmask, t))
-            self.matmul_add(dz[t], UT, dh)                     # dh_next for step t-1
+            self.matmul_add(dz[t], UT, dh, precision)          # dh_next for step t-1
 
-    # -- GEMM helpers -----------------------------------------------------------------------
-    def matmul_add(self, a, b, out) -> None:
-        """out += a @ b (cuBLAS beta=1 on the GPU; a product into scratch plus an add on the CPU)."""
-        out += a @ b
+    # -- GEMMs (the only place precision modes act; see xlstm/precision.py) ---------------------
+    # a, b: 2-D arrays of this backend (views such as U.T allowed), or ``Rounded`` operands from
+    # ``gemm_operand``; out and every result are float32/float64 arrays; precision 'float32'
+    # (exact in the array dtype), 'tf32' or 'bf16' (operands rounded, float32 accumulation).
+    def gemm_operand(self, a, precision: str = "float32"):
+        """``a`` prepared once for many products in ``precision`` (a weight inside a time loop).
+
+        float32: ``a`` itself. Otherwise a ``xlstm.precision.Rounded`` that ``matmul`` and
+        ``matmul_add`` use without rounding it again.
+        """
+        if precision == "float32":
+            return a
+        raise NotImplementedError(f"backend {self.name!r} has no {precision} GEMM")
+
+    def matmul(self, a, b, out=None, precision: str = "float32"):
+        """a [M,K] @ b [K,N] (into out [M,N] when given; returned)."""
+        if precision == "float32":
+            return self.xp.matmul(a, b, out=out)
+        raise NotImplementedError(f"backend {self.name!r} has no {precision} GEMM")
+
+    def matmul_add(self, a, b, out, precision: str = "float32") -> None:
+        """out [M,N] += a [M,K] @ b [K,N] (cuBLAS beta=1 on the GPU; a product into scratch plus
+        an add on the CPU)."""
+        if precision == "float32":
+            out += a @ b
+            return
+        out += self.matmul(a, b, precision=precision)

@@ -11,6 +11,16 @@ Row-major operands on a column-major library: C = A @ B (row-major, C [m,n]) is,
 column-major, C^T = B^T A^T, so the call is gemm(opB, opA, n, m, k, B, ldb, A, lda, C, n).
 A C-contiguous operand X [r,c] is X^T column-major with ld = c (op N); an F-contiguous one
 (a transposed view such as ``x2.T``) is X column-major with ld = r, so it takes op T.
+
+The precision modes (``xlstm/precision.py``) go through the same handle with ``gemm_ex``
+(cublasGemmEx), float32 accumulation and output:
+
+    precision  operands in memory               types, compute type
+    tf32       float32 (cuBLAS rounds inside)   CUDA_R_32F x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32
+    bf16       bfloat16 bits (our cast kernel)  CUDA_R_16BF x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F
+
+NOT YET RUN ON A GPU; on the CPU the calls are checked against a stand-in binding that
+computes cuBLAS's column-major contract on the raw pointers (tests/test_cupy_backend.py).
 """
 from __future__ import annotations
 
@@ -57,6 +67,15 @@ class CublasGemm:
         # host alpha = beta = 1, kept alive as long as the handle (a captured GEMM read them)
         self._one = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
         self._fn = {np.dtype(np.float32): cublas.sgemm, np.dtype(np.float64): cublas.dgemm}
+        self._zero32 = np.zeros(1, np.float32)
+        # cudaDataType values are not in the cublas binding; nvmath exports them at its top level
+        import nvmath
+
+        dt, ct = nvmath.CudaDataType, cublas.ComputeType
+        self._r32f = int(dt.CUDA_R_32F)
+        self._ex = {"tf32": (int(dt.CUDA_R_32F), int(ct.COMPUTE_32F_FAST_TF32)),
+                    "bf16": (int(dt.CUDA_R_16BF), int(ct.COMPUTE_32F))}
+        self._algo = int(cublas.GemmAlgo.DEFAULT)
 
     def supports(self, a, b, out) -> bool:
         """True when ``matmul_add(a, b, out)`` can run here (else the caller uses cupy)."""
@@ -83,6 +102,36 @@ class CublasGemm:
         one = self._one[a.dtype].ctypes.data
         self._fn[a.dtype](self._handle, op_b, op_a, n, m, k, one, _ptr(b), ldb, _ptr(a), lda,
                           one, _ptr(out), max(1, n))
+
+    def gemm_ex(self, a, b, out, precision: str, beta: float) -> None:
+        """out [m,n] = a [m,k] @ b [k,n] + beta * out (beta 0 or 1) in ``precision``.
+
+        a, b: ``xlstm.precision.Rounded`` operands (``data`` C-contiguous: float32 for tf32,
+        uint16 bfloat16 bits for bf16; ``transposed`` when ``data`` holds the operand's
+        transpose, which goes to cuBLAS as op T). out: C-contiguous float32.
+        """
+        (m, k), n = a.shape, b.shape[1]
+        if m == 0 or n == 0:
+            return
+        if k == 0:              # cuBLAS would only scale C by beta
+            if beta == 0:
+                out[...] = 0
+            return
+        self._bind_stream()
+        dtype, compute = self._ex[precision]
+
+        def desc(R):            # (op, ld) of the column-major X^T for a row-major X [rows, cols]
+            rows, cols = R.shape
+            return (1, max(1, rows)) if R.transposed else (0, max(1, cols))
+
+        op_a, lda = desc(a)
+        op_b, ldb = desc(b)
+        one = self._one[np.dtype(np.float32)].ctypes.data
+        beta_p = one if beta else self._zero32.ctypes.data
+        # C^T [n,m] = B^T [n,k] @ A^T [k,m], column-major, ldc = n
+        self._cublas.gemm_ex(self._handle, op_b, op_a, n, m, k, one, _ptr(b.data), dtype, ldb,
+                             _ptr(a.data), dtype, lda, beta_p, _ptr(out), self._r32f, max(1, n),
+                             compute, self._algo)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -6,8 +6,11 @@ for every later call of the key. Per call the host then issues a handful of copi
 graph launch instead of 2T Python-side launches.
 
 Key: (op, dtype, every array argument's shape or None, every scalar argument's value, the
-current device), so T, B, H, which masks are present, forget_bias, eps and the GPU all select
-the graph.
+current device), so T, B, H, which masks are present, forget_bias, eps, the GEMMs'
+``precision`` and the GPU all select the graph. A tf32/bf16 weight operand
+(``xlstm.precision.Rounded``: U or U^T prepared once per call by ``gemm_operand``) is an input
+like U: its data (bf16 bits or float32), shape and layout go into the key, and its data is
+copied into a graph-owned buffer per call.
 
 Buffers: a graph owns every array it touches (allocated once, at capture; the graph has their
 addresses baked in). Per call the arrays the op reads are copied into those buffers before the
@@ -31,6 +34,8 @@ import collections
 import functools
 import inspect
 import time
+
+from ..precision import Rounded
 
 # For each sequence op: the array arguments it reads ("all" or "first" = only index 0 along T:
 # the initial state) and the ones it writes. Everything else is an output only or a scalar.
@@ -95,8 +100,12 @@ class GraphCache:
         for name, a in args.items():
             if a is None:
                 parts.append((name, None))
+            elif isinstance(a, Rounded):
+                parts.append((name, a.precision, a.transposed, tuple(a.data.shape), a.data.dtype.str))
             elif hasattr(a, "shape") and hasattr(a, "dtype"):
                 parts.append((name, tuple(a.shape), a.dtype.str))
+            elif isinstance(a, str):
+                parts.append((name, a))
             else:
                 parts.append((name, float(a)))
         return tuple(parts)
@@ -120,7 +129,9 @@ class GraphCache:
         for name, part in spec["read"].items():
             a = args[name]
             if a is not None:
-                if part == "first":
+                if isinstance(a, Rounded):
+                    bufs[name].data[...] = a.data
+                elif part == "first":
                     bufs[name][0] = a[0]
                 else:
                     bufs[name][...] = a
@@ -133,7 +144,10 @@ class GraphCache:
         t0 = time.perf_counter()
         buffers, nbytes = {}, 0
         for name, a in args.items():
-            if hasattr(a, "shape") and hasattr(a, "dtype"):
+            if isinstance(a, Rounded):
+                buffers[name] = Rounded(xp.empty(a.data.shape, a.data.dtype), a.precision, a.transposed)
+                nbytes += buffers[name].data.nbytes
+            elif hasattr(a, "shape") and hasattr(a, "dtype"):
                 buffers[name] = xp.empty(a.shape, a.dtype)
                 nbytes += buffers[name].nbytes
             else:

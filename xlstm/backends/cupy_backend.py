@@ -32,6 +32,12 @@ of ``xlstm.backends.persistent`` (UNMEASURED: written without a GPU) and falls b
 per-step loop (graph-replayed where graphs are on) where the grid does not fit; "on" raises
 instead of falling back. Persistent launches are never captured into a graph (each zeroes its
 own grid-barrier counter) and ``eager()`` (traces) runs the per-step loop.
+
+Precision modes (``xlstm/precision.py``): tf32/bf16 products go through the same
+``CublasGemm`` handle (``gemm_ex``, cublasGemmEx) with operands prepared by ``cupy_gemm.py``,
+so they are captured and replayed like float32 (``precision`` is part of the graph key, the
+rounded U / U^T a graph input); without nvmath-python they raise, naming the install. The
+persistent kernels multiply in full float32/float64, so tf32/bf16 always take the per-step loop.
 """
 from __future__ import annotations
 
@@ -165,13 +171,19 @@ class CupyBackend(Backend):
     # -- kernels ----------------------------------------------------------------------------
     def _kernel(self, name: str, dtype):
         """The compiled kernel ``{name}_{f32|f64}`` on the current device (compiled once)."""
-        from ..kernels import DTYPE_SUFFIX, kernel_source
+        from ..kernels import DTYPE_SUFFIX
 
-        dev = self.xp.cuda.runtime.getDevice()
         sfx = DTYPE_SUFFIX.get(np.dtype(dtype).name)
         if sfx is None:
             raise InputError(f"the cupy backend's kernels take float32 or float64 arrays, got {np.dtype(dtype)}")
-        key = (dev, f"{name}_{sfx}")
+        return self._function(f"{name}_{sfx}")
+
+    def _function(self, full_name: str):
+        """The compiled kernel ``full_name`` of lstm_kernels.cu on the current device (compiled once)."""
+        from ..kernels import kernel_source
+
+        dev = self.xp.cuda.runtime.getDevice()
+        key = (dev, full_name)
         k = self._kernels.get(key)
         if k is None:
             mod = self._modules.get(dev)
@@ -180,7 +192,7 @@ class CupyBackend(Backend):
                 # cupy itself appends -ftz=true (float32 denormals flush to zero on the GPU)
                 # and -arch=sm_XX of the device (tests/test_kernels_compile.py compiles so)
                 mod = self._modules[dev] = self.xp.RawModule(code=kernel_source(), options=("-std=c++17",))
-            k = self._kernels[key] = mod.get_function(key[1])
+            k = self._kernels[key] = mod.get_function(full_name)
         return k
 
     def _persistent_kernel(self, name: str, dtype):
@@ -276,12 +288,18 @@ class CupyBackend(Backend):
     def _persistent_mode(self) -> str:
         return _persistent.mode_from_env() if self.persistent is None else self.persistent
 
-    def _run_sequence(self, persistent_op, fallback, B, H, *args) -> None:
+    def _run_sequence(self, persistent_op, fallback, B, H, precision, *args) -> None:
         """The persistent op where the picker says so and the shape fits, else ``fallback`` (the
-        per-step loop, graph-replayed where graphs are active). ``eager()`` forces the fallback."""
+        per-step loop, graph-replayed where graphs are active). ``eager()`` forces the fallback.
+        Persistent kernels multiply in the array dtype only: a tf32/bf16 ``precision`` always
+        runs the per-step loop (``persistent="on"`` raises PersistentUnfit saying so)."""
         mode = self._persistent_mode()
         if not self._force_eager and _persistent.choose(mode, B=B, H=H, device_name=self.device_info()[0]):
             try:
+                if precision != "float32":
+                    raise _persistent.PersistentUnfit(
+                        f"the persistent kernels multiply in full float32/float64, not in precision "
+                        f"{precision!r}; use persistent='auto' or 'off' (the per-step loop) for it")
                 persistent_op(*args)
                 self.last_path = "persistent"
                 return
@@ -421,18 +439,42 @@ class CupyBackend(Backend):
                     _graphs_note_shown = True
                     print(f"xlstm: CUDA graphs are off: nvmath-python's cuBLAS is not usable "
                           f"({type(e).__name__}: {e}); the "
-                          f"cupy backend runs its eager loop (two launches per step). To replay the "
-                          f"loop as a CUDA graph, {INSTALL_HINT}.", file=sys.stderr)
+                          f"cupy backend runs its eager loop (two launches per step) and has no "
+                          f"tf32/bf16 GEMMs. To replay the loop as a CUDA graph, {INSTALL_HINT}.",
+                          file=sys.stderr)
         return self._gemms[dev]
 
-    def matmul_add(self, a, b, out) -> None:
+    def _mixed(self):
+        """The tf32/bf16 operands and products (``cupy_gemm.py``, on ``CublasGemm.gemm_ex``)."""
+        m = getattr(self, "_mixed_gemm", None)
+        if m is None:
+            from .cupy_gemm import MixedGemm
+
+            m = self._mixed_gemm = MixedGemm(self)
+        return m
+
+    def gemm_operand(self, a, precision="float32"):
+        if precision == "float32":
+            return a
+        return self._mixed().operand(a, precision)
+
+    def matmul(self, a, b, out=None, precision="float32"):
+        if precision == "float32":
+            return self.xp.matmul(a, b, out=out)
+        return self._mixed().gemm(a, b, out, precision, beta=0.0)
+
+    def matmul_add(self, a, b, out, precision="float32") -> None:
         """out += a @ b as one cuBLAS gemm with beta = 1 (no temporary, no host sync).
 
         Through ``CublasGemm`` (nvmath's binding, capturable) where nvmath-python is installed,
         else ``cupy.cublas.gemm``. Transposed views (``U.T``, ``x2.T``) go to cuBLAS as
         transpose flags, not copies. Other layouts are copied by cupy first; other ranks or
-        mixed dtypes fall back to ``out += a @ b``.
+        mixed dtypes fall back to ``out += a @ b``. tf32/bf16: ``CublasGemm.gemm_ex`` with
+        beta = 1 (``cupy_gemm.py``); these need nvmath-python and say so without it.
         """
+        if precision != "float32":
+            self._mixed().gemm(a, b, out, precision, beta=1.0)
+            return
         if a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and a.dtype == b.dtype == out.dtype \
                 and a.dtype.char in "fd":
             g = self._gemm()
@@ -459,7 +501,8 @@ class CupyBackend(Backend):
 
     def prepare_capture(self, op, args) -> list:
         """Everything a capture of ``op`` would otherwise allocate or load, done now (capture
-        must not allocate): the op's kernels, the SM count, the GEMM handle and the scratch.
+        must not allocate): the op's kernels, the SM count, the GEMM handle and the scratch
+        (bf16: the cast kernel and the [B,H] / [B,4H] bits of the per-step left operand).
         Returns the scratch buffers the graph has to keep alive (``_tmp`` may drop its own
         reference later; the graph has their addresses baked in)."""
         dt = args["gates"].dtype
@@ -475,25 +518,30 @@ class CupyBackend(Backend):
         keep = []
         if op == "ln_lstm_backward_sequence":
             keep.append(self._tmp("ln_part", (B, 10 * (H4 // 4)), dt))
+        if args.get("precision", "float32") == "bf16":
+            self._function("f32_to_bf16")
+            # the per-step left operand: hs[t] [B,H] forward, dz[t] [B,4H] backward
+            cols = H4 // 4 if "forward" in op else H4
+            keep.append(self._tmp(self._mixed().SCRATCH_A, (B, cols), np.uint16))
         return keep
 
     def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
-                              mask=None, zc=None, zh=None, gmask=None) -> None:
+                              mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """``Backend.lstm_forward_sequence`` (same arguments): persistent where picked, else
         eager or replayed as a graph."""
         B, H = hs.shape[1:]
         self._run_sequence(self.persistent_lstm_forward_sequence,
-                           lambda *a: self._sequence("lstm_forward_sequence", a, {}), B, H,
-                           gates, hs, cs, U, forget_bias, mask, zc, zh, gmask)
+                           lambda *a: self._sequence("lstm_forward_sequence", a, {"precision": precision}),
+                           B, H, precision, gates, hs, cs, U, forget_bias, mask, zc, zh, gmask)
 
     def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
-                               mask=None, zc=None, zh=None, gmask=None) -> None:
+                               mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """``Backend.lstm_backward_sequence`` (same arguments): persistent where picked, else
         eager or replayed as a graph."""
         B, H = dh.shape
         self._run_sequence(self.persistent_lstm_backward_sequence,
-                           lambda *a: self._sequence("lstm_backward_sequence", a, {}), B, H,
-                           gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
+                           lambda *a: self._sequence("lstm_backward_sequence", a, {"precision": precision}),
+                           B, H, precision, gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
 
     def ln_lstm_forward_sequence(self, *args, **kwargs) -> None:
         """``Backend.ln_lstm_forward_sequence`` (same arguments), eager or replayed as a graph."""

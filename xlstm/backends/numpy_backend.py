@@ -11,6 +11,8 @@ import contextlib
 
 import numpy as np
 
+from ..errors import InputError
+from ..precision import PrecisionEmulationWarning, Rounded, round_operand
 from .base import Backend
 
 # Below this many multiply-adds a GEMM runs on one BLAS thread. Measured on a 2-core AMD EPYC
@@ -18,6 +20,22 @@ from .base import Backend
 # thread as on two for H <= 128 (10 us at H=64, 50 us at H=128), while handing it to a second
 # thread costs a wake-up each call and, when another process holds a core, up to 20x more.
 SMALL_GEMM_MACS = 1 << 22
+
+
+_WARNED: set = set()
+
+
+def _warn_emulation(precision: str) -> None:
+    """Once per process and mode: the NumPy backend emulates reduced precision, slowly."""
+    if precision in _WARNED:
+        return
+    _WARNED.add(precision)
+    import warnings
+
+    warnings.warn(f"precision={precision!r} on the numpy backend is an EMULATION: GEMM operands are rounded to "
+                  f"{precision} and multiplied in float32, giving the GPU mode's numbers within its error bound, "
+                  "but SLOWER than float32 (extra rounding passes), not faster. Use the cupy backend for speed.",
+                  PrecisionEmulationWarning, stacklevel=3)
 
 
 def _openblas_threads():
@@ -135,7 +153,29 @@ class NumpyBackend(Backend):
         finally:
             threads[1](n)
 
-    def matmul_add(self, a, b, out) -> None:
+    # -- GEMMs: float32 as is; tf32/bf16 EMULATED (operands rounded, then a float32 GEMM) ------
+    def gemm_operand(self, a, precision="float32"):
+        if precision == "float32":
+            return a
+        _warn_emulation(precision)
+        return Rounded(round_operand(np.asarray(a), precision), precision)
+
+    def _operand(self, a, precision, key):
+        """``a`` as the float32 array the emulated product multiplies (rounded unless it is already)."""
+        if isinstance(a, Rounded):
+            if a.precision != precision:
+                raise InputError(f"a GEMM operand rounded for {a.precision} was given to a {precision} product")
+            return a.data.T if a.transposed else a.data
+        if precision == "float32":
+            return a
+        _warn_emulation(precision)
+        return round_operand(a, precision, out=self._tmp(key, a.shape, np.float32))
+
+    def matmul(self, a, b, out=None, precision="float32"):
+        return np.matmul(self._operand(a, precision, "gemm_a"), self._operand(b, precision, "gemm_b"), out=out)
+
+    def matmul_add(self, a, b, out, precision="float32") -> None:
+        a, b = self._operand(a, precision, "gemm_a"), self._operand(b, precision, "gemm_b")
         tmp = self._tmp("mm", out.shape, out.dtype)
         with self._gemm_threads(a.shape[0] * a.shape[1] * b.shape[1]):
             np.matmul(a, b, out=tmp)
@@ -275,7 +315,7 @@ class NumpyBackend(Backend):
         dh_skip[...] = 0.0
 
     def lstm_backward_sequence(self, gates, cs, dy, dh, dc, dz, UT,
-                               mask=None, zc=None, zh=None, gmask=None) -> None:
+                               mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
         """BPTT over all T steps (see Backend); the plain cell is vectorised over time.
 
         Every factor of the gate gradients that does not depend on the recurrence is computed
@@ -299,7 +339,7 @@ class NumpyBackend(Backend):
         T, B, H4 = gates.shape
         H = H4 // 4
         if not (mask is None and zc is None and zh is None and gmask is None and dz.flags.c_contiguous):
-            return super().lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
+            return super().lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask, precision)
         i, f, g, o = gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:]
         dz_i, dz_f, dz_g, dz_o = dz[..., :H], dz[..., H:2 * H], dz[..., 2 * H:3 * H], dz[..., 3 * H:]
         tanh_c = np.tanh(cs[1:])                           # tanh(Ct) of every step [T,B,H]
@@ -320,6 +360,8 @@ class NumpyBackend(Backend):
         dz_icf = dz.reshape(T, B, 4, H)[:, :, :3]          # the i, f, g blocks of a step as [B,3,H]
         dc_b = dc[:, None, :]                              # dCt broadcast over those three blocks
         x = self._tmp("bs_x", dc.shape, dc.dtype)
+        UT = self._operand(UT, precision, "bs_UT")         # rounded once (tf32/bf16), not per step
+        dz_r = None if precision == "float32" else self._tmp("bs_dz_r", dz.shape[1:], dz.dtype)
         with self._gemm_threads(B * H4 * H):               # the per-step GEMM, as in matmul_add
             for t in reversed(range(T)):
                 dh += dy[t]                                # dHt
@@ -328,7 +370,10 @@ class NumpyBackend(Backend):
                 dc += x                                    # dCt
                 dz_icf[t] *= dc_b
                 dc *= f[t]                                 # dc_next for step t-1
-                np.matmul(dz[t], UT, out=dh)               # dh_next for step t-1
+                if dz_r is None:
+                    np.matmul(dz[t], UT, out=dh)           # dh_next for step t-1
+                else:                                      # the same with dz[t] rounded (emulation)
+                    np.matmul(round_operand(dz[t], precision, out=dz_r), UT, out=dh)
 
     def _dz_o_dc(self, dh_new, tanh_c, o, dc_in, dz_o, dc):
         """dOt = dHt*tanh(Ct) through the output sigmoid into dz_o, and dCt = dc_in + dHt*o*(1-tanh(Ct)^2).

@@ -57,8 +57,10 @@ KERNEL_NAMES = {
     PERSISTENT_SOURCE: ("lstm_persistent_forward", "lstm_persistent_backward"),
 }
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
+# Kernels of one fixed type per source, named without a suffix (the bf16 operand cast, precision.cuh).
+FIXED_KERNELS = {MAIN_SOURCE: ("f32_to_bf16",), PERSISTENT_SOURCE: ()}
 
 
 def entry_names(source: str = MAIN_SOURCE) -> list[str]:
     """Every extern "C" kernel name in ``source``, e.g. ``lstm_forward_step_f32``."""
-    return [f"{k}_{s}" for k in KERNEL_NAMES[source] for s in DTYPE_SUFFIX.values()]
+    return [f"{k}_{s}" for k in KERNEL_NAMES[source] for s in DTYPE_SUFFIX.values()] + list(FIXED_KERNELS[source])

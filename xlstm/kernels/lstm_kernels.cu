@@ -13,6 +13,7 @@
 // Optional inputs (mask, zc, zh, gmask) are null pointers when unused; the branch on them is
 // uniform across the grid and costs nothing measurable next to the memory traffic.
 #include "lstm_pointwise.cuh"
+#include "precision.cuh"
 
 namespace {
 
@@ -266,4 +267,19 @@ extern "C" __global__ void ln_accumulate_f64(const double* part, double* dgain, 
                                              double* dc_gain, double* dc_shift, long long B,
                                              long long H) {
   ln_accumulate_impl<double>(part, dgain, dshift, dc_gain, dc_shift, B, H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32_to_bf16: y = bfloat16(x), round to nearest even (precision.cuh), element by element.
+// The bf16 GEMM operands of cublasGemmEx (precision="bf16"; xlstm/backends/cupy_gemm.py).
+//
+//   x  [n]  float32 in (any contiguous buffer: a C-contiguous operand or a transposed one).
+//   y  [n]  out: the bfloat16 bits (uint16), same element order as x.
+//   n       number of elements.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, unsigned short* __restrict__ y,
+                                       long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
+    y[k] = xlstm::f32_to_bf16_bits(x[k]);
 }
