@@ -329,6 +329,9 @@ class TorchGroup:
         check_same(digests, step)
 
     def close(self) -> None:
+        # the run is over (done or failing): a SIGTERM from torchrun now would raise inside the
+        # interpreter's exit handlers and print a traceback over the real message; let it pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # after a failed collective this returns at once and lets the process exit cleanly
         # (without it, gloo's threads abort the interpreter at exit)
         if self.dist.is_initialized():
