@@ -68,7 +68,11 @@ def test_a_wrong_result_is_caught_before_timing(tmp_path, monkeypatch, capsys, n
     monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timed.append(1))
     assert _run(tmp_path, *(["--no-torch"] if no_torch else [])) == 1
     assert "results disagree" in capsys.readouterr().err
-    assert not timed and not (tmp_path / "tiny.json").exists()
+    assert not timed
+    # what was done is kept (a GPU session reads it), marked as a failed, partial run
+    res = json.loads((tmp_path / "tiny.json").read_text())
+    assert res["meta"]["partial"] and "results disagree" in res["meta"]["check_failed"]
+    assert all(r["status"] == "ok" for r in res["rows"]) and len(res["rows"]) < 2
 
 
 def test_check_compares_gradients_too(monkeypatch):
@@ -297,3 +301,25 @@ def test_gpu_check_script_parses():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
     r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_cell_the_backend_refuses_is_an_error_row_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
+    """E.g. ``--persistent on`` where U does not fit on chip: that cell says why, the rest run."""
+    from xlstm.errors import InputError
+
+    real = NumpyBackend.lstm_forward_sequence
+
+    def refuse_T5(self, gates, *a, **k):
+        if gates.shape[0] == 5:
+            raise InputError("this shape does not fit (test)")
+        return real(self, gates, *a, **k)
+
+    monkeypatch.setattr(NumpyBackend, "lstm_forward_sequence", refuse_T5)
+    assert bench.main(["--hidden", "8", "--seq-len", "3,5", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-torch", "--out", str(tmp_path), "--name", "e"]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert {r["T"]: r["status"] for r in rows} == {3: "ok", 5: "error"}
+    bad = next(r for r in rows if r["T"] == 5)
+    assert "does not fit (test)" in bad["note"] and bad["step_ms"] is None
+    assert "error: InputError: this shape does not fit" in capsys.readouterr().out
