@@ -266,43 +266,6 @@ def _load_script(name):
     return mod
 
 
-def test_gpu_readme_is_built_from_a_two_backend_run(tmp_path, monkeypatch, capsys):
-    """benchmarks/gpu_readme.py turns what gpu_check.sh leaves (here: a real two-backend run on
-    the CPU, the second NumPy labelled 'cupy') into the README table; missing parts say so."""
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
-    assert bench.main(["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
-                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--no-torch", "--out", str(tmp_path), "--name", "gpu"]) == 0
-    (tmp_path / "pytest_gpu.txt").write_text("....\n4 passed in 1.00s\n")
-    gr = _load_script("gpu_readme.py")
-    assert gr.main([str(tmp_path)]) == 0
-    text = (tmp_path / "README.md").read_text()
-    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
-    for T in (3, 4):
-        n = next(r for r in rows if r["backend"] == "numpy" and r["T"] == T)
-        c = next(r for r in rows if r["backend"] == "cupy" and r["T"] == T)
-        line = next(s for s in text.splitlines() if s.startswith(f"| 1 | 8 | {T} | 2 |"))
-        assert gr._fmt(n["step_ms"]) in line and gr._fmt(c["step_ms"]) in line
-        sp = n["step_ms"] / c["step_ms"]
-        assert (f"{sp:.1f}x" in line) if sp >= 1 else ("CuPy slower" in line)
-    assert "`4 passed in 1.00s`" in text
-    assert "machine.txt missing" in text and "embedding_grad.json missing (not measured)" in text
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(SystemExit, match="gpu.json is missing"):
-        gr.build(str(empty))
-
-
-def test_gpu_check_script_parses():
-    """benchmarks/gpu_check.sh gets one run on a scarce GPU: at least its shell syntax is checked here."""
-    import os
-    import subprocess
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
-    r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-
-
 def test_a_cell_the_backend_refuses_is_an_error_row_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
     """E.g. ``--persistent on`` where U does not fit on chip: that cell says why, the rest run."""
     from xlstm.errors import InputError
