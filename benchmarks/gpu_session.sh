@@ -9,10 +9,11 @@
 #                     per file: pytest-<file>.txt, a line in tests.jsonl (rc, counts, seconds)
 #   tests-persistent  pytest -m gpu -k persistent in a process of its own, AFTER the others: a
 #                     persistent kernel's trap ends the process's CUDA context
-#   bench             issue 9/10: NumPy vs CuPy (graphs on) vs cuDNN, TF32 off, H 64..2048,
-#                     T 64/256, B 32/64 -> gpu.json (NumPy cells over 20 s skipped and listed);
-#                     B=256 rows for the GEMM-floor target -> b256.json; CuPy graphs off at a few
-#                     cells (eager vs replay) -> graphs-off.json
+#   bench             issue 9/10: CuPy (graphs on) vs cuDNN, TF32 off, H 64..2048, T 64/256,
+#                     B 32/64 -> gpu.json; B=256 rows for the GEMM-floor target -> b256.json;
+#                     CuPy graphs off at a few cells (eager vs replay) -> graphs-off.json; NumPy
+#                     next to CuPy in one run, H 64..1024, T 64/256, B=32, NumPy cells over 20 s
+#                     skipped and listed -> numpy.json
 #   persistent        issue 11: --persistent off / on, each next to cuDNN, H 64..1024, T 64/256,
 #                     B 16/64 -> persistent-off.json, persistent-on.json
 #   precision         issue 12: tf32 and bf16 next to cuDNN TF32 / autocast(bf16), H 512..2048,
@@ -198,20 +199,30 @@ pytest_group() {
 part_tests() { pytest_group main "not persistent" $GPU_TEST_FILES; }
 part_tests_persistent() { pytest_group persistent "persistent" $GPU_TEST_FILES; }
 
+# sub SHARE_CAP: seconds for the next bench of a part: at most SHARE_CAP, at most what is left
+# of the part's grant (PART_START, PART_SECONDS)
+sub() {
+  local left=$(( PART_SECONDS - ($(date +%s) - PART_START) ))
+  echo $(( $1 < left ? $1 : left ))
+}
+
 part_bench() {
-  local rc=0 t0
-  t0=$(date +%s)
-  # (a) the grid of record; NumPy only where a cell fits 20 s (enough for the CuPy/NumPy ratio)
-  PART_SECONDS=$(( PART_SECONDS - 60 )) bench gpu 35 --backends numpy,cupy \
-      --hidden 64,256,1024,2048 --seq-len 64,256 --batch 32,64 --layers 1 --max-cell-seconds 20 \
-      --target-seconds 0.2 --rounds 3 --settle 0.05 || rc=1
-  # B=256 (GEMM-bound: issue 10's floor target), then graphs off at a few cells (eager vs replay)
-  local left=$(( PART_SECONDS - ($(date +%s) - t0) ))
-  PART_SECONDS=$(( left * 6 / 10 )) bench b256 12 --backends cupy --hidden 256,1024,2048 --seq-len 64,256 \
+  local rc=0
+  export PART_START; PART_START=$(date +%s)
+  # (a) CuPy (graphs on) vs cuDNN over the grid of record, first: GPU cells take seconds
+  PART_SECONDS=$(sub 75) bench gpu 12 --backends cupy \
+      --hidden 64,256,1024,2048 --seq-len 64,256 --batch 32,64 --layers 1 \
+      --target-seconds 0.2 --rounds 3 --settle 0.02 || rc=1
+  # B=256: both sides GEMM-bound (issue 10's floor target)
+  PART_SECONDS=$(sub 35) bench b256 10 --backends cupy --hidden 256,1024,2048 --seq-len 64,256 \
       --batch 256 --layers 1 --target-seconds 0.2 --rounds 3 --settle 0.02 || rc=1
-  left=$(( PART_SECONDS - ($(date +%s) - t0) ))
-  PART_SECONDS=$left bench graphs-off 12 --backends cupy --cuda-graphs off --hidden 64,256,1024 \
+  # graphs off at a few cells: eager vs replayed
+  PART_SECONDS=$(sub 25) bench graphs-off 10 --backends cupy --cuda-graphs off --hidden 64,256,1024 \
       --seq-len 64,256 --batch 64 --layers 1 --target-seconds 0.15 --rounds 3 --settle 0.02 --no-plot || rc=1
+  # NumPy next to CuPy in one run (the CuPy/NumPy ratio, and CuPy checked against NumPy): only
+  # the cells NumPy finishes in 20 s; the others are skipped and listed
+  PART_SECONDS=$(sub 60) bench numpy 10 --backends numpy,cupy --hidden 64,256,1024 --seq-len 64,256 \
+      --batch 32 --layers 1 --max-cell-seconds 20 --target-seconds 0.2 --rounds 2 --settle 0.05 --no-plot || rc=1
   return $rc
 }
 
@@ -267,7 +278,7 @@ part_report() { "$PY" benchmarks/gpu_readme.py "$OUT"; }
 NVMATH=0
 nvmath_check && NVMATH=1
 export ROOT OUT PY NVMATH TRAIN_STEPS GPU_TEST_FILES TIMEOUT_OPT PYTHONPATH
-export -f note bench pytest_group part_machine part_tests part_tests_persistent part_bench \
+export -f note bench sub pytest_group part_machine part_tests part_tests_persistent part_bench \
     part_persistent part_precision part_train part_embedding part_report
 echo "nvmath-python: $(cat "$OUT/nvmath.txt")"
 for part in $PARTS; do
@@ -275,7 +286,7 @@ for part in $PARTS; do
     machine)          run_part machine 30 5 part_machine ;;
     tests)            run_part tests 130 20 part_tests ;;
     tests-persistent) run_part tests-persistent 45 15 part_tests_persistent ;;
-    bench)            run_part bench 190 60 part_bench ;;
+    bench)            run_part bench 195 60 part_bench ;;
     persistent)       run_part persistent 80 30 part_persistent ;;
     precision)        run_part precision 80 30 part_precision ;;
     train)            run_part train 60 20 part_train ;;

@@ -97,22 +97,29 @@ def test_train_summary_from_a_real_run(tmp_path, gr):
     assert res["wall_s"] is not None and json.loads((out / "train-float32.json").read_text()) == res
 
 
-def test_report_from_a_real_two_backend_run(tmp_path, monkeypatch, gr):
-    """The tables come from a real CPU run (its second NumPy labelled 'cupy'); missing parts
-    are said to be missing, and nothing is filled in."""
+def test_report_from_real_cpu_runs(tmp_path, monkeypatch, gr):
+    """The tables come from real CPU runs laid out as the session lays them (a second NumPy
+    labelled 'cupy'): gpu.json CuPy alone, numpy.json both backends in one run; the NumPy
+    column and the speedup come from the latter, the CuPy column from the former; missing
+    parts are said to be missing, and nothing is filled in."""
+    grid = ["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
+            "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+            "--no-memory", "--no-torch", "--out", str(tmp_path)]
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [_SecondNumpy()])
+    assert bench.main(grid + ["--name", "gpu"]) == 0
     monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
-    assert bench.main(["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
-                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--no-torch", "--out", str(tmp_path), "--name", "gpu"]) == 0
+    assert bench.main(grid + ["--name", "numpy"]) == 0
     assert gr.main([str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
-    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    gpu_rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    two = json.loads((tmp_path / "numpy.json").read_text())["rows"]
     for T in (3, 4):
-        n = next(r for r in rows if r["backend"] == "numpy" and r["T"] == T)
-        c = next(r for r in rows if r["backend"] == "cupy" and r["T"] == T)
+        n = next(r for r in two if r["backend"] == "numpy" and r["T"] == T)
+        c2 = next(r for r in two if r["backend"] == "cupy" and r["T"] == T)
+        c = next(r for r in gpu_rows if r["T"] == T)
         line = next(s for s in text.splitlines() if s.startswith(f"| 1 | 8 | {T} | 2 |"))
         assert gr._fmt(n["step_ms"]) in line and gr._fmt(c["step_ms"]) in line
-        sp = n["step_ms"] / c["step_ms"]
+        sp = n["step_ms"] / c2["step_ms"]               # the same run's ratio
         assert (f"{sp:.1f}x" in line) if sp >= 1 else ("CuPy slower" in line)
         # the CuPy detail table: the host time per step the bench measured for that row
         detail = next(s for s in text.splitlines() if s.startswith(f"| 8 | {T} | 2 | {gr._fmt(c['step_ms'])} |"))
@@ -121,11 +128,21 @@ def test_report_from_a_real_two_backend_run(tmp_path, monkeypatch, gr):
     assert "graphs-off.json missing (not measured)" in text and "embedding_grad.json missing" in text
     assert "persistent-{off,on}.json missing (not measured)" in text
     tg = {t[1]: (t[2], t[3]) for t in gr.targets(str(tmp_path))}
-    assert tg["`xlstm bench --backends numpy,cupy` passes its checks"] == ("4 cells checked and timed", "MET")
+    assert tg["`xlstm bench --backends numpy,cupy` passes its checks"] == (
+        "2 CuPy cells checked against NumPy before timing", "MET")
     assert tg["CuPy step <= 0.6x cuDNN, H 256/1024, T 64/256, B=64"][1] == "NOT MEASURED"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "gpu.json missing (not measured)" in gr.build(str(empty))
+
+
+def test_a_failed_check_is_not_met(tmp_path, gr):
+    _write(tmp_path, "numpy.json", [_row(8, 3, 2, backend="numpy", step_ms=1.0)], partial=True,
+           check_failed="cupy H=8 T=4 B=2: results disagree")
+    v = {t[1]: (t[2], t[3]) for t in gr.targets(str(tmp_path))}
+    assert v["`xlstm bench --backends numpy,cupy` passes its checks"] == (
+        "check failed: cupy H=8 T=4 B=2: results disagree", "NOT MET")
+    assert "numpy: the run did not finish" in gr.build(str(tmp_path))
 
 
 def _row(H, T, B, backend="cupy", **kw):
