@@ -139,6 +139,12 @@ try:
     print("blas", [(d.get("internal_api"), d.get("version"), d.get("num_threads")) for d in threadpool_info()])
 except Exception:
     pass
+from importlib import metadata
+for d in ("nvmath-python", "cuda-bindings", "cuda-core", "cuda-pathfinder", "cupy-cuda13x", "cupy-cuda12x"):
+    try:
+        print(d, metadata.version(d))
+    except metadata.PackageNotFoundError:
+        pass
 from xlstm.backends import cupy_unavailable_reason
 print("xlstm cupy backend:", cupy_unavailable_reason() or "usable")
 PYEOF
@@ -159,7 +165,8 @@ nvmath_check() {
     "$PY" -c "import nvmath, nvmath.bindings.cublas as c; c.create; print('usable', nvmath.__version__, '(from $(basename "$whl"))')" \
         > "$OUT/nvmath.txt" 2>>"$OUT/nvmath_install.txt" && return 0
   fi
-  echo "missing: nvmath-python is not importable$([ -n "$whl" ] && echo " (the carried wheel did not install or import: nvmath_install.txt)"); CUDA-graph replay and the tf32/bf16 rows are NOT MEASURED (the cupy backend runs its eager loop)" > "$OUT/nvmath.txt"
+  local why; why=$("$PY" -c "import nvmath.bindings.cublas" 2>&1 | tail -n 1 | cut -c1-200)
+  echo "missing: nvmath-python is not usable ($why)$([ -n "$whl" ] && echo "; the carried wheel: nvmath_install.txt"); CUDA-graph replay and the tf32/bf16 rows are NOT MEASURED (the cupy backend runs its eager loop)" > "$OUT/nvmath.txt"
   return 1
 }
 
