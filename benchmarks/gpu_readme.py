@@ -293,9 +293,14 @@ def targets(folder) -> list:
 
 
 # -- tables -------------------------------------------------------------------------------------
+def _cell(c) -> str:
+    """A Markdown table cell: no line breaks, no bare column separators."""
+    return str(c).replace("\n", "; ").replace("|", "\\|")
+
+
 def _table(header, rows) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+            + ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows])
 
 
 def _x(v, limit=None):
