@@ -543,3 +543,43 @@ def test_bench_on_the_stand_in_cupy_reports_host_time_and_the_captured_floor(gra
         assert r["floor_captured"] is True and r["cuda_graphs"] == "on"
         assert 0 < r["host_fwd_us"] < 1e6 and 0 < r["host_bwd_us"] < 1e6
         assert r["check_max_rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_bench_on_the_stand_in_cupy_in_each_precision(graphed, monkeypatch, tmp_path, precision):
+    import json
+
+    from xlstm import bench
+
+    be, fake = graphed
+    monkeypatch.setattr(be.xp, "get_default_memory_pool",
+                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    assert bench.main(["--hidden", "6", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", "--no-torch", "--precision", precision,
+                       "--out", str(tmp_path), "--name", "p"]) == 0
+    (r,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert r["status"] == "ok" and r["precision"] == precision and r["floor_captured"] is True
+
+
+def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monkeypatch, tmp_path):
+    """--persistent on (issue 11's grid): on the stand-in's 2 SMs U fits on chip at H=6, not at
+    H=256; that cell is an error row saying why, the other one is timed on the persistent path."""
+    import json
+
+    from xlstm import bench
+
+    be, fake = graphed
+    monkeypatch.setattr(be.xp, "get_default_memory_pool",
+                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    assert bench.main(["--hidden", "6,256", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", "--no-torch", "--persistent", "on",
+                       "--out", str(tmp_path), "--name", "on"]) == 0
+    rows = {r["H"]: r for r in json.loads((tmp_path / "on.json").read_text())["rows"]}
+    assert rows[6]["status"] == "ok" and rows[256]["status"] == "error"
+    assert "PersistentUnfit" in rows[256]["note"] and "shared memory" in rows[256]["note"]
+    assert be.last_path == "persistent"
+    assert {"lstm_persistent_forward_f32", "lstm_persistent_backward_f32"} <= set(fake.launches)
