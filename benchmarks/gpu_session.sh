@@ -105,7 +105,10 @@ note() { echo "$*" >> "$OUT/.part-note"; }
 bench() {
   local name=$1 slack=$2; shift 2
   local b=$(( PART_SECONDS - slack ))
-  [ "$b" -lt 10 ] && b=10
+  if [ "$b" -lt 10 ]; then
+    note "$name: not run, ${PART_SECONDS} s left of the part (NOT MEASURED)"
+    return 1
+  fi
   "$PY" -m xlstm.cli bench --budget "$b" --no-progress --out "$OUT" --name "$name" "$@" \
       > "$OUT/$name.txt" 2> "$OUT/$name.err"
   local rc=$?
@@ -181,6 +184,11 @@ FILE_CAP=${XLSTM_SESSION_FILE_SECONDS:-100}
 pytest_group() {
   local group=$1 kexpr=$2; shift 2
   local end=$(( $(date +%s) + PART_SECONDS - 3 )) rc=0
+  # a rerun of the group replaces its earlier lines
+  if [ -f "$OUT/tests.jsonl" ]; then
+    grep -v "\"group\": \"$group\"" "$OUT/tests.jsonl" > "$OUT/tests.jsonl.tmp"
+    mv "$OUT/tests.jsonl.tmp" "$OUT/tests.jsonl"
+  fi
   for f in "$@"; do
     local name left t0 r secs
     name=$([ "$group" = persistent ] && echo persistent || basename "$f" .py)
@@ -285,6 +293,9 @@ part_embedding() {
 
 part_report() { "$PY" benchmarks/gpu_readme.py "$OUT"; }
 
+# a session with the machine part is a new one: the parts' records start empty (a rerun of
+# single parts into the same folder appends)
+case " $PARTS " in *" machine "*) rm -f "$OUT/session.jsonl" "$OUT/tests.jsonl" ;; esac
 NVMATH=0
 nvmath_check && NVMATH=1
 export ROOT OUT PY NVMATH TRAIN_STEPS GPU_TEST_FILES TIMEOUT_OPT FILE_CAP PYTHONPATH
