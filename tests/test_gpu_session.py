@@ -56,6 +56,12 @@ def test_session_records_each_test_file(tmp_path):
     assert [(t["group"], t["file"], t["rc"]) for t in recs] == [("main", "test_imports", 0)]
     # no gpu test in that file: pytest selects none (rc 5, counted as fine)
     assert recs[0]["passed"] == 0 and (tmp_path / "pytest-test_imports.txt").exists()
+    _session(tmp_path, 120, "tests")                  # a rerun of the group replaces its lines
+    assert len((tmp_path / "tests.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "session.jsonl").read_text().splitlines()) == 2   # the parts' history
+    _session(tmp_path, 120, "machine")                # a new session starts its records empty
+    assert not (tmp_path / "tests.jsonl").exists()
+    assert len((tmp_path / "session.jsonl").read_text().splitlines()) == 1
 
 
 def test_pytest_counts_from_a_real_log(tmp_path, gr):
