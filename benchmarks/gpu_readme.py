@@ -4,9 +4,9 @@
 
 Reads what is present of: ``session.jsonl`` (the parts: done / failed / timeout / skipped),
 ``machine.txt``, ``nvmath.txt``, ``tests.jsonl`` (gpu tests per file), ``gpu.json`` (CuPy vs
-cuDNN), ``b256.json``, ``graphs-off.json``, ``numpy.json`` (NumPy and CuPy in one run),
-``persistent-{off,on}.json``,
-``precision-{tf32,bf16}.json``, ``train-{float32,bf16}.json``, ``embedding_grad.json``; writes
+cuDNN), ``b256.json``, ``graphs-off.json``, ``ln.json`` (LayerNorm cell), ``numpy.json`` (NumPy
+and CuPy in one run), ``persistent-{off,on}.json``, ``precision-{tf32,bf16}.json``,
+``train-{float32,bf16}.json``, ``embedding_grad.json``; writes
 ``README.md`` (command, machine, tables, the targets of issues 9-12 with the measured value and
 MET / NOT MET / NOT MEASURED) and ``targets.txt`` (the targets alone, as plain text). Nothing
 here measures; a missing input is said as missing, never filled in.
@@ -242,8 +242,10 @@ def targets(folder) -> list:
             if r.get("cuda_graphs") == "on" and r.get("host_fwd_us") is not None}
     out.append(("10", "host time per time step per pass <= 8 us (graphs on; worst of fwd/bwd)",
                 *_verdict_cells(sorted(a) if host else [(0, 0, 0)], host, 8.0, fmt="{:.1f} us")))
-    out.append(("10", "LayerNorm cell <= 1.5x the plain cell's step", "no bench row for it in this session",
-                "NOT MEASURED"))
+    ln = _ok(_json(folder, "ln.json"))
+    ln_ratio = {k: r["step_ms"] / a[k]["step_ms"] for k, r in ln.items() if k in a}
+    out.append(("10", "LayerNorm cell <= 1.5x the plain cell's step (H 256/1024, T 64/256, B=64)",
+                *_verdict_cells(_grid((256, 1024), (64, 256), (64,)), ln_ratio, 1.5)))
     t32 = _json(folder, "train-float32.json")
     sps = t32 and t32.get("steps_per_s")
     out.append(("10", f"`xlstm train --backend cupy` >= 4x {TRAIN_BASELINE_STEPS_PER_S:.0f} steps/s "
@@ -445,6 +447,19 @@ def build(folder: str) -> str:
               "the step's loop is: `floor captured`). Host us/step: host time of one forward / backward "
               "call (device idle before, not waited for after) per time step and layer.", ""]
     lines += cupy_detail([gpu, b256]) + [""]
+    ln = _json(folder, "ln.json")
+    lines += ["### LayerNorm cell vs plain cell, CuPy (graphs on; plain: the grid above, another run)", ""]
+    if ln:
+        a = _ok(gpu)
+        lines += _table(["H", "T", "B", "LayerNorm step ms", "plain step ms", "LayerNorm/plain",
+                         "host fwd us/step", "host bwd us/step", "check (max rel err vs NumPy float64)"],
+                        [[*k, _fmt(r["step_ms"]), _fmt(a[k]["step_ms"]) if k in a else "-",
+                          _x(_ratio(r["step_ms"], a[k]["step_ms"]), 1.5) if k in a else "-",
+                          _fmt(r.get("host_fwd_us"), 1), _fmt(r.get("host_bwd_us"), 1),
+                          f"{r['check_max_rel_err']:.1e}" if r.get("check_max_rel_err") is not None else "-"]
+                         for k, r in sorted(_ok(ln).items())]) + [""]
+    else:
+        lines += ["ln.json missing (not measured)", ""]
     lines += ["### Eager (graphs off) vs replayed (graphs on), CuPy", ""]
     lines += (eager_vs_replay(gpu, off) if off else ["graphs-off.json missing (not measured)"]) + [""]
 
@@ -484,7 +499,7 @@ def build(folder: str) -> str:
         lines += ["embedding_grad.json missing (not measured)", ""]
 
     bad = []
-    for name in ("gpu", "b256", "graphs-off", "numpy", "persistent-off", "persistent-on", "precision-tf32", "precision-bf16"):
+    for name in ("gpu", "b256", "graphs-off", "ln", "numpy", "persistent-off", "persistent-on", "precision-tf32", "precision-bf16"):
         bad += _not_ok(_json(folder, name + ".json"), name)
     if bad:
         lines += ["## Cells not measured", ""] + [f"- {s}" for s in bad] + [""]

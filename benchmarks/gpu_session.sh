@@ -11,7 +11,8 @@
 #                     persistent kernel's trap ends the process's CUDA context
 #   bench             issue 9/10: CuPy (graphs on) vs cuDNN, TF32 off, H 64..2048, T 64/256,
 #                     B 32/64 -> gpu.json; B=256 rows for the GEMM-floor target -> b256.json;
-#                     CuPy graphs off at a few cells (eager vs replay) -> graphs-off.json; NumPy
+#                     CuPy graphs off at a few cells (eager vs replay) -> graphs-off.json; the
+#                     LayerNorm cell, H 256/1024, T 64/256, B=64 -> ln.json; NumPy
 #                     next to CuPy in one run, H 64..1024, T 64/256, B=32, NumPy cells over 20 s
 #                     skipped and listed -> numpy.json
 #   persistent        issue 11: --persistent off / on, each next to cuDNN, H 64..1024, T 64/256,
@@ -238,6 +239,9 @@ part_bench() {
   # graphs off at a few cells: eager vs replayed
   PART_SECONDS=$(sub 25) bench graphs-off 10 --backends cupy --persistent off --cuda-graphs off --hidden 64,256,1024 \
       --seq-len 64,256 --batch 64 --layers 1 --target-seconds 0.15 --rounds 3 --settle 0.02 --no-plot || rc=1
+  # the LayerNorm cell at issue 10's sizes (its target: at most 1.5x the plain cell's step above)
+  PART_SECONDS=$(sub 25) bench ln 10 --backends cupy --persistent off --layer-norm --hidden 256,1024 \
+      --seq-len 64,256 --batch 64 --layers 1 --target-seconds 0.15 --rounds 3 --settle 0.02 --no-plot || rc=1
   # NumPy next to CuPy in one run (the CuPy/NumPy ratio, and CuPy checked against NumPy): only
   # the cells NumPy finishes in 20 s; the others are skipped and listed
   PART_SECONDS=$(sub 60) bench numpy 10 --backends numpy,cupy --persistent off --hidden 64,256,1024 --seq-len 64,256 \
@@ -307,7 +311,7 @@ for part in $PARTS; do
     machine)          run_part machine 30 5 part_machine ;;
     tests)            run_part tests 150 20 part_tests ;;
     tests-persistent) run_part tests-persistent 45 15 part_tests_persistent ;;
-    bench)            run_part bench 195 60 part_bench ;;
+    bench)            run_part bench 215 60 part_bench ;;
     persistent)       run_part persistent 80 30 part_persistent ;;
     precision)        if [ "$NVMATH" -eq 1 ]; then run_part precision 80 30 part_precision
                       else record precision skipped 0 0 0 "NOT MEASURED: $(cat "$OUT/nvmath.txt")"; fi ;;

@@ -286,3 +286,31 @@ def test_a_cell_the_backend_refuses_is_an_error_row_and_the_grid_goes_on(tmp_pat
     bad = next(r for r in rows if r["T"] == 5)
     assert "does not fit (test)" in bad["note"] and bad["step_ms"] is None
     assert "error: InputError: this shape does not fit" in capsys.readouterr().out
+
+
+def test_layer_norm_cells_are_checked_against_the_numpy_backend_in_float64(tmp_path, capsys, monkeypatch):
+    """--layer-norm: torch has no such cell, so it is not timed; a wrong LayerNorm result is
+    caught by the float64 NumPy-backend reference before timing."""
+    assert bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1,2", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--layer-norm", "--out", str(tmp_path), "--name", "ln"]) == 0
+    res = json.loads((tmp_path / "ln.json").read_text())
+    assert res["meta"]["layer_norm"] is True
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["layer_norm"] is True and r["torch_step_ms"] is None
+        assert r["check_max_rel_err"] < 1e-5
+    assert "LayerNorm cell" in capsys.readouterr().out
+
+    class WrongLN(NumpyBackend):        # the backend under test errs; the reference does not
+        name = "cupy"
+
+        def ln_lstm_forward_step(self, *a, **k):
+            super().ln_lstm_forward_step(*a, **k)
+            h = a[8]
+            h *= 1.01                   # h, in place: a 1% error in every output
+
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [WrongLN()])
+    assert bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--layer-norm", "--out", str(tmp_path), "--name", "ln2"]) == 1
+    assert "results disagree" in capsys.readouterr().err

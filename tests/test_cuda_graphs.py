@@ -583,3 +583,20 @@ def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monke
     assert "PersistentUnfit" in rows[256]["note"] and "shared memory" in rows[256]["note"]
     assert be.last_path == "persistent"
     assert {"lstm_persistent_forward_f32", "lstm_persistent_backward_f32"} <= set(fake.launches)
+
+
+def test_bench_layer_norm_on_the_stand_in_cupy(graphed, monkeypatch, tmp_path):
+    import json
+
+    from xlstm import bench
+
+    be, fake = graphed
+    monkeypatch.setattr(be.xp, "get_default_memory_pool",
+                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    assert bench.main(["--hidden", "6", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", "--layer-norm", "--out", str(tmp_path), "--name", "ln"]) == 0
+    (r,) = json.loads((tmp_path / "ln.json").read_text())["rows"]
+    assert r["status"] == "ok" and r["layer_norm"] is True and r["check_max_rel_err"] < 1e-5
+    assert any("ln_lstm_forward_step" in op for ops in fake.captured for op in ops)

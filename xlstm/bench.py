@@ -60,7 +60,7 @@ TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
 PRECISION_TOLERANCE = {"tf32": 20 * 2.0 ** -11, "bf16": 20 * 2.0 ** -8}
 
 COLUMNS = [
-    "backend", "device", "H", "T", "B", "layers", "dtype", "precision", "status",
+    "backend", "device", "H", "T", "B", "layers", "layer_norm", "dtype", "precision", "status",
     "fwd_ms", "step_ms", "fwd_tokens_per_s", "step_tokens_per_s",
     "floor_fwd_ms", "floor_step_ms", "fwd_over_floor", "step_over_floor",
     "torch_fwd_ms", "torch_step_ms", "fwd_over_torch", "step_over_torch",
@@ -490,6 +490,23 @@ def reference_step(params: dict, x, dy, layers: int, forget_bias: float):
     return y, d_out, grads
 
 
+def layer_norm_reference_step(params: dict, x, dy, cell):
+    """The LayerNorm LSTM's forward + backward on the NumPy backend in float64, same weights
+    (torch has none to compare with; its gradients are checked by finite differences in the
+    tests). Returns y, dx and grads as ``reference_step``."""
+    import xlstm
+    from xlstm.backends import resolve
+
+    ref = xlstm.LSTM(x.shape[2], cell.H, num_layers=cell.layers, layer_norm=True, forget_bias=0.0,
+                     dtype="float64", backend=resolve("numpy"))
+    for k, v in params.items():
+        ref.params[k][...] = v
+    ref.zero_grad()
+    y, _ = ref.forward(np.asarray(x, np.float64))
+    dx, _ = ref.backward(np.asarray(dy, np.float64))
+    return y, dx, {k: np.array(g) for k, g in ref.grads.items()}
+
+
 # -- one cell ----------------------------------------------------------------------------------
 @dataclass
 class Cell:
@@ -520,13 +537,14 @@ class CellRunner:
     """Builds the models and inputs of one cell on one backend; checks; times."""
 
     def __init__(self, cell: Cell, backend, dtype: str, torch, seed: int = 0, use_torch: bool = True,
-                 precision: str = "float32"):
+                 precision: str = "float32", layer_norm: bool = False):
         import xlstm
         from xlstm import interop
 
         self.cell, self.backend, self.dtype, self.seed = cell, backend, dtype, seed
-        self.precision = precision
-        self.torch = torch if use_torch else None
+        self.precision, self.layer_norm = precision, layer_norm
+        # torch has no LayerNorm LSTM cell: that model is checked against the NumPy backend
+        self.torch = torch if use_torch and not layer_norm else None
         xp = backend.xp
         H, T, B, D, L = cell.H, cell.T, cell.B, cell.D, cell.layers
         rng = np.random.default_rng(seed)
@@ -537,7 +555,7 @@ class CellRunner:
         self.tdevice = "cuda" if backend.name == "cupy" else "cpu"
         if self.torch is None:
             self.lstm = xlstm.LSTM(D, H, num_layers=L, forget_bias=0.0, dtype=dtype, seed=seed,
-                                   backend=backend)
+                                   backend=backend, layer_norm=layer_norm)
         else:
             tt = self.torch
             # the weights come from torch's CPU initialisation whether or not torch can run on
@@ -662,8 +680,11 @@ class CellRunner:
                 errs[f"d{name} vs torch"] = _rel_err(ours[name], p.grad.detach().cpu().numpy())
         else:
             params = {k: self.backend.to_numpy(v) for k, v in self.lstm.params.items()}
-            ry, rdx, rgrads = reference_step(params, self.x_host, self.dy_host, self.cell.layers,
-                                             self.lstm.forget_bias)
+            if self.layer_norm:
+                ry, rdx, rgrads = layer_norm_reference_step(params, self.x_host, self.dy_host, self.cell)
+            else:
+                ry, rdx, rgrads = reference_step(params, self.x_host, self.dy_host, self.cell.layers,
+                                                 self.lstm.forget_bias)
             errs["y vs reference"] = _rel_err(y, ry)
             errs["dx vs reference"] = _rel_err(dx, rdx)
             for k, g in rgrads.items():
@@ -795,14 +816,14 @@ def _empty_row(cell, backend, args) -> dict:
     row = {c: None for c in COLUMNS}
     row.update(backend=backend.name, device="gpu" if backend.name == "cupy" else "cpu",
                H=cell.H, T=cell.T, B=cell.B, layers=cell.layers, dtype=args.dtype,
-               precision=args.precision, note="")
+               precision=args.precision, layer_norm=bool(getattr(args, "layer_norm", False)), note="")
     return row
 
 
 def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     """Check, time and measure one cell on one backend; returns a result row (dict)."""
     row = _empty_row(cell, backend, args)
-    torch_on = torch is not None and not args.no_torch
+    torch_on = torch is not None and not args.no_torch and not args.layer_norm
     est = planner.estimate(backend.name, cell, torch_on)
     if est is not None and (est > args.max_cell_seconds or est > planner.left()):
         why = (f"estimated {est:.0f} s > --max-cell-seconds {args.max_cell_seconds:g}"
@@ -813,7 +834,7 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     t_cell = time.perf_counter()
     load = ForeignLoad()
     runner = CellRunner(cell, backend, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
-                        precision=args.precision)
+                        precision=args.precision, layer_norm=args.layer_norm)
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
@@ -866,14 +887,19 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _kind(r) -> str:
+    """dtype, GEMM precision and cell of a row, for the tables' group titles."""
+    prec = r.get("precision") or "float32"
+    return (r["dtype"] + ("" if prec == "float32" else f" ({prec} GEMMs)")
+            + (", LayerNorm cell" if r.get("layer_norm") else ""))
+
+
 def format_table(rows) -> str:
     """The readable table: one block per backend/batch/dtype, ratios measured in the same run."""
     lines = []
     groups = {}
     for r in rows:
-        prec = r.get("precision") or "float32"
-        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
-                          []).append(r)
+        groups.setdefault((r["backend"], r["B"], _kind(r)), []).append(r)
     for (be, B, dtype), rs in groups.items():
         has_speedup = any(r.get("speedup_vs_numpy") for r in rs)
         lines.append(f"\n{be} backend ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}; times in ms "
@@ -909,9 +935,7 @@ def markdown_table(rows) -> str:
     out = []
     groups = {}
     for r in rows:
-        prec = r.get("precision") or "float32"
-        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
-                          []).append(r)
+        groups.setdefault((r["backend"], r["B"], _kind(r)), []).append(r)
     for (be, B, dtype), rs in groups.items():
         sp = any(r.get("speedup_vs_numpy") for r in rs)
         out.append(f"\n**{be}** ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}, times in ms (medians)\n")
@@ -1043,6 +1067,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--layer-norm", action="store_true",
+                        help="the LayerNorm LSTM cell (torch has none: not timed; results checked against "
+                             "the NumPy backend in float64)")
     parser.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
                         help="CuPy: replay each layer's time loop as a CUDA graph (on) or run it eagerly "
                              "(off); default: the backend's setting (XLSTM_CUDA_GRAPHS, on)")
@@ -1084,7 +1111,7 @@ def _warm_up_process(backends, args, torch):
     for be in backends:
         try:
             r = CellRunner(Cell(8, 4, 2, 1), be, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
-                           precision=args.precision)
+                           precision=args.precision, layer_norm=args.layer_norm)
             r.check()
             for c in r.contenders():
                 c.fn()
@@ -1143,7 +1170,7 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "precision": args.precision, "input_size": "= H",
+            "dtype": args.dtype, "precision": args.precision, "layer_norm": args.layer_norm, "input_size": "= H",
             "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
             "persistent": args.persistent,
             "timing": "medians of interleaved rounds after warm-up, "
