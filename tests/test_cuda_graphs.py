@@ -522,21 +522,26 @@ def test_bench_floor_runs_eagerly_when_graphs_are_off(graphed):
     assert not f.captured and fake.captured == [] and fake.launched == []
 
 
-def test_bench_on_the_stand_in_cupy_reports_host_time_and_the_captured_floor(graphed, monkeypatch, tmp_path):
-    """The whole cupy bench path on the host: checks against the float64 reference, first call
-    with capture, captured floor, host time per time step per pass, rows on disk."""
+def _stand_in_bench(graphed, monkeypatch, tmp_path, *options, hidden="6", seq_len="3"):
+    """``xlstm bench`` on the stand-in cupy (no memory pool to read): the saved JSON."""
     import json
 
     from xlstm import bench
 
-    be, fake = graphed
+    be, _ = graphed
     monkeypatch.setattr(be.xp, "get_default_memory_pool",
                         lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
     monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
-    assert bench.main(["--hidden", "6", "--seq-len", "3,5", "--batch", "2", "--layers", "1", "--repeat", "2",
+    assert bench.main(["--hidden", hidden, "--seq-len", seq_len, "--batch", "2", "--layers", "1", "--repeat", "2",
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--no-torch", "--out", str(tmp_path), "--name", "c"]) == 0
-    res = json.loads((tmp_path / "c.json").read_text())
+                       "--no-memory", *options, "--out", str(tmp_path), "--name", "b"]) == 0
+    return json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_on_the_stand_in_cupy_reports_host_time_and_the_captured_floor(graphed, monkeypatch, tmp_path):
+    """The whole cupy bench path on the host: checks against the float64 reference, first call
+    with capture, captured floor, host time per time step per pass, rows on disk."""
+    res = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", seq_len="3,5")
     assert not res["meta"].get("partial")
     assert [(r["T"], r["status"]) for r in res["rows"]] == [(3, "ok"), (5, "ok")]
     for r in res["rows"]:
@@ -547,38 +552,16 @@ def test_bench_on_the_stand_in_cupy_reports_host_time_and_the_captured_floor(gra
 
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_bench_on_the_stand_in_cupy_in_each_precision(graphed, monkeypatch, tmp_path, precision):
-    import json
-
-    from xlstm import bench
-
-    be, fake = graphed
-    monkeypatch.setattr(be.xp, "get_default_memory_pool",
-                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
-    assert bench.main(["--hidden", "6", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
-                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--no-torch", "--precision", precision,
-                       "--out", str(tmp_path), "--name", "p"]) == 0
-    (r,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    (r,) = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", "--precision", precision)["rows"]
     assert r["status"] == "ok" and r["precision"] == precision and r["floor_captured"] is True
 
 
 def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monkeypatch, tmp_path):
     """--persistent on (issue 11's grid): on the stand-in's 2 SMs U fits on chip at H=6, not at
     H=256; that cell is an error row saying why, the other one is timed on the persistent path."""
-    import json
-
-    from xlstm import bench
-
     be, fake = graphed
-    monkeypatch.setattr(be.xp, "get_default_memory_pool",
-                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
-    assert bench.main(["--hidden", "6,256", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
-                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--no-torch", "--persistent", "on",
-                       "--out", str(tmp_path), "--name", "on"]) == 0
-    rows = {r["H"]: r for r in json.loads((tmp_path / "on.json").read_text())["rows"]}
+    res = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", "--persistent", "on", hidden="6,256")
+    rows = {r["H"]: r for r in res["rows"]}
     assert rows[6]["status"] == "ok" and rows[256]["status"] == "error"
     assert "PersistentUnfit" in rows[256]["note"] and "shared memory" in rows[256]["note"]
     assert be.last_path == "persistent"
@@ -586,17 +569,6 @@ def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monke
 
 
 def test_bench_layer_norm_on_the_stand_in_cupy(graphed, monkeypatch, tmp_path):
-    import json
-
-    from xlstm import bench
-
-    be, fake = graphed
-    monkeypatch.setattr(be.xp, "get_default_memory_pool",
-                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
-    assert bench.main(["--hidden", "6", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
-                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
-                       "--no-memory", "--layer-norm", "--out", str(tmp_path), "--name", "ln"]) == 0
-    (r,) = json.loads((tmp_path / "ln.json").read_text())["rows"]
+    (r,) = _stand_in_bench(graphed, monkeypatch, tmp_path, "--layer-norm")["rows"]
     assert r["status"] == "ok" and r["layer_norm"] is True and r["check_max_rel_err"] < 1e-5
-    assert any("ln_lstm_forward_step" in op for ops in fake.captured for op in ops)
+    assert any("ln_lstm_forward_step" in op for ops in graphed[1].captured for op in ops)
