@@ -12,7 +12,11 @@ so that load from elsewhere hits every contender alike:
   without the optimizer), medians after warm-up, the GPU synchronised after each call;
 - ``floor``: the same GEMMs that the layer calls (input GEMM [T*B,D]x[D,4H], T recurrent
   [B,H]x[H,4H], T backward [B,4H]x[4H,H], then dW, dU, dx), with the same operand layouts,
-  alone: what no LSTM on this BLAS can beat, so ``step/floor`` is the cost of the rest;
+  alone: what no LSTM on this BLAS can beat, so ``step/floor`` is the cost of the rest; on
+  CuPy timed as the step runs them (the same cuBLAS path, per-step loops replayed as CUDA
+  graphs when the step's are: ``floor_captured``);
+- ``host_fwd_us`` / ``host_bwd_us`` (CuPy): host time of one forward / backward call per time
+  step and layer, the device idle before the call and not waited for after it;
 - ``torch``: ``torch.nn.LSTM`` with the same weights on the same device (CPU; cuDNN on a
   GPU) when torch is installed, so ``step/torch`` says where we stand;
 - peak memory: for NumPy the process's peak host RSS during one step (VmHWM, reset before
@@ -21,11 +25,14 @@ so that load from elsewhere hits every contender alike:
 
 Before any timing each cell is checked: the layer's outputs, input gradients and weight
 gradients must match torch's (or the readable reference in ``xlstm/cell.py`` when torch is
-missing), and the CuPy backend must match the NumPy backend. A mismatch stops the run.
+missing; ``--layer-norm``: the NumPy backend in float64), and the CuPy backend must match the
+NumPy backend. A mismatch stops the run (the cells done so far stay on disk).
 
 Cells run cheapest first; a cell whose estimated time exceeds ``--max-cell-seconds`` or
-what is left of ``--budget`` is skipped and listed as such. Results go to stdout (a table
-with the ratios) and to ``--out`` as JSON, CSV and (with matplotlib) a PNG figure.
+what is left of ``--budget`` is skipped and listed as such; a cell the backend refuses (a
+forced path that does not fit) is an error row. Results go to stdout (a table with the
+ratios) and to ``--out`` as JSON, CSV and (with matplotlib) a PNG figure; the JSON and CSV
+are rewritten after every cell (``meta.partial`` until the run ends).
 """
 from __future__ import annotations
 
