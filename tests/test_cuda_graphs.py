@@ -480,3 +480,95 @@ def test_fake_nvmath_matches_the_real_binding():
             assert int(getattr(getattr(real, enum_name), member.name)) == int(member), member
     for member in fake["nvmath"].CudaDataType:
         assert int(getattr(nvmath.CudaDataType, member.name)) == int(member), member
+
+
+# -- the bench's GEMM floor, timed the way the layer runs (issue 10) -------------------------------
+@pytest.mark.parametrize("precision,tol", [("float32", 1e-6), ("tf32", 2e-3), ("bf16", 2e-2)])
+def test_bench_floor_is_captured_like_the_layer(graphed, precision, tol):
+    """With graphs on, the floor's per-step GEMMs are captured once per loop (through the same
+    CublasGemm path the layer uses: cupy's own cuBLAS would refuse the capture) and replayed;
+    every call does each loop exactly once, so the products equal a float64 NumPy computation."""
+    from xlstm import bench
+
+    be, fake = graphed
+    T, B, D, H = 4, 2, 3, 5
+    f = bench.GemmFloor(be.xp, T, B, D, H, 1, np.dtype("float32"), seed=0, backend=be, precision=precision)
+    assert f.captured
+    L = f.layers[0]
+    x2, W, U, hs, dz = (np.array(L[k], np.float64) for k in ("x2", "W", "U", "hs", "dz"))
+    want_gates = (x2 @ W).reshape(T, B, 4 * H) + hs[:T] @ U
+    gemm = "gemm" if precision == "float32" else "gemm_ex"
+    for call in range(3):                   # eager + capture, then two replays
+        f.step()
+        got = np.array(L["gates"], np.float64)
+        assert np.max(np.abs(got - want_gates)) <= tol * np.max(np.abs(want_gates)), call
+        # dh accumulates (beta = 1, as the layer's dh_next): after n calls, n times the sum
+        want_dh = (call + 1) * dz.sum(axis=0) @ U.T
+        assert np.max(np.abs(np.array(L["dh"]) - want_dh)) <= tol * np.max(np.abs(want_dh)) * 4, call
+        assert len(fake.captured) == 2, "one graph per loop, captured on the first call only"
+        assert [op for op in fake.captured[0] if op.startswith("gemm")] == [gemm] * T
+        assert [op for op in fake.captured[1] if op.startswith("gemm")] == [gemm] * T
+    assert len(fake.launched) == 4          # two replayed calls x (forward, backward)
+
+
+def test_bench_floor_runs_eagerly_when_graphs_are_off(graphed):
+    from xlstm import bench
+
+    be, fake = graphed
+    be.cuda_graphs = False
+    f = bench.GemmFloor(be.xp, 3, 2, 3, 4, 2, np.dtype("float32"), seed=0, backend=be)
+    f.step()
+    f.step()
+    assert not f.captured and fake.captured == [] and fake.launched == []
+
+
+def _stand_in_bench(graphed, monkeypatch, tmp_path, *options, hidden="6", seq_len="3"):
+    """``xlstm bench`` on the stand-in cupy (no memory pool to read): the saved JSON."""
+    import json
+
+    from xlstm import bench
+
+    be, _ = graphed
+    monkeypatch.setattr(be.xp, "get_default_memory_pool",
+                        lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    assert bench.main(["--hidden", hidden, "--seq-len", seq_len, "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-memory", *options, "--out", str(tmp_path), "--name", "b"]) == 0
+    return json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_on_the_stand_in_cupy_reports_host_time_and_the_captured_floor(graphed, monkeypatch, tmp_path):
+    """The whole cupy bench path on the host: checks against the float64 reference, first call
+    with capture, captured floor, host time per time step per pass, rows on disk."""
+    res = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", seq_len="3,5")
+    assert not res["meta"].get("partial")
+    assert [(r["T"], r["status"]) for r in res["rows"]] == [(3, "ok"), (5, "ok")]
+    for r in res["rows"]:
+        assert r["floor_captured"] is True and r["cuda_graphs"] == "on"
+        assert 0 < r["host_fwd_us"] < 1e6 and 0 < r["host_bwd_us"] < 1e6
+        assert r["check_max_rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_bench_on_the_stand_in_cupy_in_each_precision(graphed, monkeypatch, tmp_path, precision):
+    (r,) = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", "--precision", precision)["rows"]
+    assert r["status"] == "ok" and r["precision"] == precision and r["floor_captured"] is True
+
+
+def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monkeypatch, tmp_path):
+    """--persistent on (issue 11's grid): on the stand-in's 2 SMs U fits on chip at H=6, not at
+    H=256; that cell is an error row saying why, the other one is timed on the persistent path."""
+    be, fake = graphed
+    res = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", "--persistent", "on", hidden="6,256")
+    rows = {r["H"]: r for r in res["rows"]}
+    assert rows[6]["status"] == "ok" and rows[256]["status"] == "error"
+    assert "PersistentUnfit" in rows[256]["note"] and "shared memory" in rows[256]["note"]
+    assert be.last_path == "persistent"
+    assert {"lstm_persistent_forward_f32", "lstm_persistent_backward_f32"} <= set(fake.launches)
+
+
+def test_bench_layer_norm_on_the_stand_in_cupy(graphed, monkeypatch, tmp_path):
+    (r,) = _stand_in_bench(graphed, monkeypatch, tmp_path, "--layer-norm")["rows"]
+    assert r["status"] == "ok" and r["layer_norm"] is True and r["check_max_rel_err"] < 1e-5
+    assert any("ln_lstm_forward_step" in op for ops in graphed[1].captured for op in ops)

@@ -12,7 +12,11 @@ so that load from elsewhere hits every contender alike:
   without the optimizer), medians after warm-up, the GPU synchronised after each call;
 - ``floor``: the same GEMMs that the layer calls (input GEMM [T*B,D]x[D,4H], T recurrent
   [B,H]x[H,4H], T backward [B,4H]x[4H,H], then dW, dU, dx), with the same operand layouts,
-  alone: what no LSTM on this BLAS can beat, so ``step/floor`` is the cost of the rest;
+  alone: what no LSTM on this BLAS can beat, so ``step/floor`` is the cost of the rest; on
+  CuPy timed as the step runs them (the same cuBLAS path, per-step loops replayed as CUDA
+  graphs when the step's are: ``floor_captured``);
+- ``host_fwd_us`` / ``host_bwd_us`` (CuPy): host time of one forward / backward call per time
+  step and layer, the device idle before the call and not waited for after it;
 - ``torch``: ``torch.nn.LSTM`` with the same weights on the same device (CPU; cuDNN on a
   GPU) when torch is installed, so ``step/torch`` says where we stand;
 - peak memory: for NumPy the process's peak host RSS during one step (VmHWM, reset before
@@ -21,11 +25,14 @@ so that load from elsewhere hits every contender alike:
 
 Before any timing each cell is checked: the layer's outputs, input gradients and weight
 gradients must match torch's (or the readable reference in ``xlstm/cell.py`` when torch is
-missing), and the CuPy backend must match the NumPy backend. A mismatch stops the run.
+missing; ``--layer-norm``: the NumPy backend in float64), and the CuPy backend must match the
+NumPy backend. A mismatch stops the run (the cells done so far stay on disk).
 
 Cells run cheapest first; a cell whose estimated time exceeds ``--max-cell-seconds`` or
-what is left of ``--budget`` is skipped and listed as such. Results go to stdout (a table
-with the ratios) and to ``--out`` as JSON, CSV and (with matplotlib) a PNG figure.
+what is left of ``--budget`` is skipped and listed as such; a cell the backend refuses (a
+forced path that does not fit) is an error row. Results go to stdout (a table with the
+ratios) and to ``--out`` as JSON, CSV and (with matplotlib) a PNG figure; the JSON and CSV
+are rewritten after every cell (``meta.partial`` until the run ends).
 """
 from __future__ import annotations
 
@@ -60,13 +67,14 @@ TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
 PRECISION_TOLERANCE = {"tf32": 20 * 2.0 ** -11, "bf16": 20 * 2.0 ** -8}
 
 COLUMNS = [
-    "backend", "device", "H", "T", "B", "layers", "dtype", "precision", "status",
+    "backend", "device", "H", "T", "B", "layers", "layer_norm", "dtype", "precision", "status",
     "fwd_ms", "step_ms", "fwd_tokens_per_s", "step_tokens_per_s",
     "floor_fwd_ms", "floor_step_ms", "fwd_over_floor", "step_over_floor",
     "torch_fwd_ms", "torch_step_ms", "fwd_over_torch", "step_over_torch",
     "speedup_vs_numpy", "peak_mem_mb", "alloc_peak_mb", "torch_peak_mem_mb",
     "check_max_rel_err", "repeats", "cell_seconds", "foreign_cpu_load",
-    "cuda_graphs", "first_step_ms", "graph_capture_s", "graph_mb", "pool_growth_mb", "note",
+    "cuda_graphs", "first_step_ms", "graph_capture_s", "graph_mb", "pool_growth_mb",
+    "floor_captured", "host_fwd_us", "host_bwd_us", "note",
 ]
 
 
@@ -294,13 +302,27 @@ class GemmFloor:
     on one OpenBLAS thread, as in the NumPy backend (``numpy_backend.SMALL_GEMM_MACS``).
     With a precision other than float32 the products are the backend's in that mode (U and U^T
     rounded once per call, as the layer does; on NumPy that includes the emulation's rounding).
+
+    On the cupy backend the floor is timed the way the layer runs (issue 10: "within 1.15x of
+    its own GEMM floor" must compare like with like): every product goes through the
+    backend's ``matmul`` / ``matmul_add`` as in ``lstm.py`` (the per-step ones into the gate
+    rows and dh with beta = 1, through ``CublasGemm``), and where the backend replays CUDA
+    graphs (``graphs_active()``) each layer's two per-step loops are captured once into a
+    graph and replayed (``captured`` True); U^T is still copied per call, outside the graph,
+    and the tf32/bf16 weight operands are rounded once, at the capture.
     """
 
     def __init__(self, xp, T, B, D, H, layers, dtype, seed=0, backend=None, precision="float32"):
         rng = np.random.default_rng(seed)
         self.xp, self.T = xp, T
         self.backend, self.precision = backend, precision
-        if precision == "float32" or backend is None:
+        self.layer_like = getattr(backend, "name", None) == "cupy"
+        self.captured = self.layer_like and bool(getattr(backend, "graphs_active", lambda: False)())
+        self.graphs = {}
+        if self.layer_like:
+            self.mm = lambda a, b, out: backend.matmul(a, b, out=out, precision=precision)
+            self.operand = lambda a: backend.gemm_operand(a, precision)
+        elif precision == "float32" or backend is None:
             self.mm = lambda a, b, out: xp.matmul(a, b, out=out)
             self.operand = lambda a: a
         else:
@@ -314,10 +336,10 @@ class GemmFloor:
         for k in range(layers):
             Dk = D if k == 0 else H
             self.layers.append(dict(
-                x2=arr(T * B, Dk), W=arr(Dk, 4 * H), U=arr(H, 4 * H),
+                x2=arr(T * B, Dk), W=arr(Dk, 4 * H), U=arr(H, 4 * H), UT=xp.empty((4 * H, H), dtype),
                 gates=xp.empty((T, B, 4 * H), dtype), hs=arr(T + 1, B, H), dz=arr(T, B, 4 * H),
-                tmp=xp.empty((B, 4 * H), dtype), dh=xp.empty((B, H), dtype),
-                dW=xp.empty((Dk, 4 * H), dtype), dU=xp.empty((H, 4 * H), dtype),
+                tmp=xp.empty((B, 4 * H), dtype), dh=xp.zeros((B, H), dtype),
+                dW=xp.zeros((Dk, 4 * H), dtype), dU=xp.zeros((H, 4 * H), dtype),
                 dx=xp.empty((T * B, Dk), dtype)))
 
         # the NumPy backend runs small per-step GEMMs on one OpenBLAS thread; so does the floor
@@ -339,33 +361,82 @@ class GemmFloor:
             if n > 1:
                 ctl[1](n)
 
+    def _replayed(self, key, loop):
+        """``loop()`` once, as its graph: the first call runs it eagerly (so handles, scratch and
+        kernels exist: capture must not allocate) and captures it without running it; later
+        calls replay the graph."""
+        g = self.graphs.get(key)
+        if g is None:
+            from .backends.cuda_graphs import capture
+
+            loop()
+            self.graphs[key] = capture(self.xp, loop)
+            return
+        g.launch(self.xp.cuda.get_current_stream())
+
+    def _weights(self, L, name, make):
+        """The per-call weight operand; with graphs the one captured (stable address)."""
+        if not self.captured:
+            return self.operand(make())
+        if name not in L:
+            L[name] = self.operand(make())
+        return L[name]
+
     def forward(self):
         xp, T = self.xp, self.T
-        for L in self.layers:
+        for k, L in enumerate(self.layers):
             mm = self.mm
             mm(L["x2"], L["W"], L["gates"].reshape(L["x2"].shape[0], -1))
-            hs, tmp, U = L["hs"], L["tmp"], self.operand(L["U"])
+            hs, tmp, gates = L["hs"], L["tmp"], L["gates"]
+            U = self._weights(L, "Uop", lambda: L["U"])
+            if self.layer_like:
+                be, P = self.backend, self.precision
 
-            def loop():
-                for t in range(T):
-                    mm(hs[t], U, tmp)
-            self._loop(loop)
+                def loop():
+                    for t in range(T):
+                        be.matmul_add(hs[t], U, gates[t], P)
+            else:
+                def loop():
+                    for t in range(T):
+                        mm(hs[t], U, tmp)
+            if self.captured:
+                self._replayed((k, "forward"), loop)
+            else:
+                self._loop(loop)
 
     def backward(self):
         xp, T = self.xp, self.T
-        for L in reversed(self.layers):
+        for k in reversed(range(len(self.layers))):
+            L = self.layers[k]
             mm = self.mm
-            UT = self.operand(xp.ascontiguousarray(L["U"].T))
-            dz, dh = L["dz"], L["dh"]
-
-            def loop():
-                for t in range(T - 1, -1, -1):
-                    mm(dz[t], UT, dh)
-            self._loop(loop)
-            dz2 = dz.reshape(-1, dz.shape[2])
             H = L["U"].shape[0]
-            mm(L["x2"].T, dz2, L["dW"])
-            mm(L["hs"][:-1].reshape(-1, H).T, dz2, L["dU"])
+            dz, dh = L["dz"], L["dh"]
+            if self.layer_like:
+                L["UT"][...] = L["U"].T            # the layer's per-call U^T copy, outside the loop
+                UT = self._weights(L, "UTop", lambda: L["UT"])
+                be, P = self.backend, self.precision
+
+                def loop():
+                    for t in range(T - 1, -1, -1):
+                        be.matmul_add(dz[t], UT, dh, P)
+            else:
+                UT = self.operand(xp.ascontiguousarray(L["U"].T))
+
+                def loop():
+                    for t in range(T - 1, -1, -1):
+                        mm(dz[t], UT, dh)
+            if self.captured:
+                self._replayed((k, "backward"), loop)
+            else:
+                self._loop(loop)
+            dz2 = dz.reshape(-1, dz.shape[2])
+            if self.layer_like:
+                be, P = self.backend, self.precision
+                be.matmul_add(L["x2"].T, dz2, L["dW"], P)
+                be.matmul_add(L["hs"][:-1].reshape(-1, H).T, dz2, L["dU"], P)
+            else:
+                mm(L["x2"].T, dz2, L["dW"])
+                mm(L["hs"][:-1].reshape(-1, H).T, dz2, L["dU"])
             mm(dz2, L["W"].T, L["dx"])
 
     def step(self):
@@ -426,6 +497,23 @@ def reference_step(params: dict, x, dy, layers: int, forget_bias: float):
     return y, d_out, grads
 
 
+def layer_norm_reference_step(params: dict, x, dy, cell):
+    """The LayerNorm LSTM's forward + backward on the NumPy backend in float64, same weights
+    (torch has none to compare with; its gradients are checked by finite differences in the
+    tests). Returns y, dx and grads as ``reference_step``."""
+    import xlstm
+    from xlstm.backends import resolve
+
+    ref = xlstm.LSTM(x.shape[2], cell.H, num_layers=cell.layers, layer_norm=True, forget_bias=0.0,
+                     dtype="float64", backend=resolve("numpy"))
+    for k, v in params.items():
+        ref.params[k][...] = v
+    ref.zero_grad()
+    y, _ = ref.forward(np.asarray(x, np.float64))
+    dx, _ = ref.backward(np.asarray(dy, np.float64))
+    return y, dx, {k: np.array(g) for k, g in ref.grads.items()}
+
+
 # -- one cell ----------------------------------------------------------------------------------
 @dataclass
 class Cell:
@@ -456,13 +544,14 @@ class CellRunner:
     """Builds the models and inputs of one cell on one backend; checks; times."""
 
     def __init__(self, cell: Cell, backend, dtype: str, torch, seed: int = 0, use_torch: bool = True,
-                 precision: str = "float32"):
+                 precision: str = "float32", layer_norm: bool = False):
         import xlstm
         from xlstm import interop
 
         self.cell, self.backend, self.dtype, self.seed = cell, backend, dtype, seed
-        self.precision = precision
-        self.torch = torch if use_torch else None
+        self.precision, self.layer_norm = precision, layer_norm
+        # torch has no LayerNorm LSTM cell: that model is checked against the NumPy backend
+        self.torch = torch if use_torch and not layer_norm else None
         xp = backend.xp
         H, T, B, D, L = cell.H, cell.T, cell.B, cell.D, cell.layers
         rng = np.random.default_rng(seed)
@@ -473,7 +562,7 @@ class CellRunner:
         self.tdevice = "cuda" if backend.name == "cupy" else "cpu"
         if self.torch is None:
             self.lstm = xlstm.LSTM(D, H, num_layers=L, forget_bias=0.0, dtype=dtype, seed=seed,
-                                   backend=backend)
+                                   backend=backend, layer_norm=layer_norm)
         else:
             tt = self.torch
             # the weights come from torch's CPU initialisation whether or not torch can run on
@@ -532,6 +621,27 @@ class CellRunner:
         y.backward(self.tdy.to(y.dtype))
         self._tsync()
 
+    def host_us_per_step(self, repeats: int = 5) -> dict:
+        """Host time per time step per pass (issue 10: at most 8 us), in us: forward and backward
+        each timed with perf_counter around the call alone, the device idle before it
+        (synchronised) and not waited for after it; median over ``repeats``, divided by T x
+        layers. A call that waits on the device inside (an input check reading a flag) counts
+        that wait too, so these are upper bounds of the host's own work."""
+        be, T, L = self.backend, self.cell.T, self.cell.layers
+        fwd, bwd = [], []
+        for _ in range(max(1, repeats)):
+            be.synchronize()
+            t0 = time.perf_counter()
+            self.lstm.forward(self.x)
+            fwd.append(time.perf_counter() - t0)
+            be.synchronize()
+            t0 = time.perf_counter()
+            self.lstm.backward(self.dy)
+            bwd.append(time.perf_counter() - t0)
+            be.synchronize()
+        per = 1e6 / (T * L)
+        return {"host_fwd_us": statistics.median(fwd) * per, "host_bwd_us": statistics.median(bwd) * per}
+
     def floor_fwd(self):
         self.floor.forward()
         self.backend.synchronize()
@@ -577,8 +687,11 @@ class CellRunner:
                 errs[f"d{name} vs torch"] = _rel_err(ours[name], p.grad.detach().cpu().numpy())
         else:
             params = {k: self.backend.to_numpy(v) for k, v in self.lstm.params.items()}
-            ry, rdx, rgrads = reference_step(params, self.x_host, self.dy_host, self.cell.layers,
-                                             self.lstm.forget_bias)
+            if self.layer_norm:
+                ry, rdx, rgrads = layer_norm_reference_step(params, self.x_host, self.dy_host, self.cell)
+            else:
+                ry, rdx, rgrads = reference_step(params, self.x_host, self.dy_host, self.cell.layers,
+                                                 self.lstm.forget_bias)
             errs["y vs reference"] = _rel_err(y, ry)
             errs["dx vs reference"] = _rel_err(dx, rdx)
             for k, g in rgrads.items():
@@ -706,13 +819,18 @@ class Planner:
         return self.args.budget - (time.perf_counter() - self.start)
 
 
-def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
-    """Check, time and measure one cell on one backend; returns a result row (dict)."""
+def _empty_row(cell, backend, args) -> dict:
     row = {c: None for c in COLUMNS}
     row.update(backend=backend.name, device="gpu" if backend.name == "cupy" else "cpu",
                H=cell.H, T=cell.T, B=cell.B, layers=cell.layers, dtype=args.dtype,
-               precision=args.precision, note="")
-    torch_on = torch is not None and not args.no_torch
+               precision=args.precision, layer_norm=bool(getattr(args, "layer_norm", False)), note="")
+    return row
+
+
+def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
+    """Check, time and measure one cell on one backend; returns a result row (dict)."""
+    row = _empty_row(cell, backend, args)
+    torch_on = torch is not None and not args.no_torch and not args.layer_norm
     est = planner.estimate(backend.name, cell, torch_on)
     if est is not None and (est > args.max_cell_seconds or est > planner.left()):
         why = (f"estimated {est:.0f} s > --max-cell-seconds {args.max_cell_seconds:g}"
@@ -723,7 +841,7 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     t_cell = time.perf_counter()
     load = ForeignLoad()
     runner = CellRunner(cell, backend, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
-                        precision=args.precision)
+                        precision=args.precision, layer_norm=args.layer_norm)
     other = None
     if numpy_results is not None:
         other = numpy_results.get((cell.H, cell.T, cell.B, cell.layers))
@@ -754,6 +872,9 @@ def bench_cell(cell, backend, args, torch, planner, numpy_results=None):
     row["step_over_floor"] = _ratio(row["step_ms"], row["floor_step_ms"])
     row["fwd_over_torch"] = _ratio(row["fwd_ms"], row["torch_fwd_ms"])
     row["step_over_torch"] = _ratio(row["step_ms"], row["torch_step_ms"])
+    if backend.name == "cupy":
+        row["floor_captured"] = runner.floor.captured
+        row.update(runner.host_us_per_step())
     if not args.no_memory:
         row.update(runner.memory())
     row["cell_seconds"] = time.perf_counter() - t_cell
@@ -773,14 +894,19 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _kind(r) -> str:
+    """dtype, GEMM precision and cell of a row, for the tables' group titles."""
+    prec = r.get("precision") or "float32"
+    return (r["dtype"] + ("" if prec == "float32" else f" ({prec} GEMMs)")
+            + (", LayerNorm cell" if r.get("layer_norm") else ""))
+
+
 def format_table(rows) -> str:
     """The readable table: one block per backend/batch/dtype, ratios measured in the same run."""
     lines = []
     groups = {}
     for r in rows:
-        prec = r.get("precision") or "float32"
-        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
-                          []).append(r)
+        groups.setdefault((r["backend"], r["B"], _kind(r)), []).append(r)
     for (be, B, dtype), rs in groups.items():
         has_speedup = any(r.get("speedup_vs_numpy") for r in rs)
         lines.append(f"\n{be} backend ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}; times in ms "
@@ -793,7 +919,7 @@ def format_table(rows) -> str:
         lines.append("-" * len(hdr))
         for r in sorted(rs, key=lambda r: (r["layers"], r["H"], r["T"])):
             if r["status"] != "ok":
-                lines.append(f"{r['layers']:>2} {r['H']:>5} {r['T']:>4} | skipped: {r['note']}")
+                lines.append(f"{r['layers']:>2} {r['H']:>5} {r['T']:>4} | {r['status']}: {r['note']}")
                 continue
             line = (f"{r['layers']:>2} {r['H']:>5} {r['T']:>4} | {_fmt(r['fwd_ms']):>9} {_fmt(r['step_ms']):>9} "
                     f"{_fmt(r['step_tokens_per_s']):>8} | {_fmt(r['floor_step_ms']):>9} "
@@ -816,9 +942,7 @@ def markdown_table(rows) -> str:
     out = []
     groups = {}
     for r in rows:
-        prec = r.get("precision") or "float32"
-        groups.setdefault((r["backend"], r["B"], r["dtype"] if prec == "float32" else f"{r['dtype']} ({prec} GEMMs)"),
-                          []).append(r)
+        groups.setdefault((r["backend"], r["B"], _kind(r)), []).append(r)
     for (be, B, dtype), rs in groups.items():
         sp = any(r.get("speedup_vs_numpy") for r in rs)
         out.append(f"\n**{be}** ({'GPU' if be == 'cupy' else 'CPU'}), B={B}, {dtype}, times in ms (medians)\n")
@@ -827,7 +951,7 @@ def markdown_table(rows) -> str:
         out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sp else ""))
         for r in sorted(rs, key=lambda r: (r["layers"], r["H"], r["T"])):
             if r["status"] != "ok":
-                out.append(f"| {r['layers']} | {r['H']} | {r['T']} | skipped: {r['note']} |||||||||"
+                out.append(f"| {r['layers']} | {r['H']} | {r['T']} | {r['status']}: {r['note']} |||||||||"
                            + ("|" if sp else ""))
                 continue
             out.append(f"| {r['layers']} | {r['H']} | {r['T']} | {_fmt(r['fwd_ms'])} | {_fmt(r['step_ms'])} | "
@@ -950,6 +1074,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--layer-norm", action="store_true",
+                        help="the LayerNorm LSTM cell (torch has none: not timed; results checked against "
+                             "the NumPy backend in float64)")
     parser.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
                         help="CuPy: replay each layer's time loop as a CUDA graph (on) or run it eagerly "
                              "(off); default: the backend's setting (XLSTM_CUDA_GRAPHS, on)")
@@ -985,13 +1112,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _warm_up_process(backends, args, torch):
-    """One tiny untimed cell per backend first: imports, first-call set-up and thread pools."""
+    """One tiny untimed cell per backend first: imports, first-call set-up and thread pools.
+    A backend that refuses the tiny cell (a forced path that does not fit it) is left to say
+    so in the grid's own cells."""
     for be in backends:
-        r = CellRunner(Cell(8, 4, 2, 1), be, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
-                       precision=args.precision)
-        r.check()
-        for c in r.contenders():
-            c.fn()
+        try:
+            r = CellRunner(Cell(8, 4, 2, 1), be, args.dtype, torch, seed=args.seed, use_torch=not args.no_torch,
+                           precision=args.precision, layer_norm=args.layer_norm)
+            r.check()
+            for c in r.contenders():
+                c.fn()
+        except BenchCheckError:
+            raise
+        except XlstmError as e:
+            print(f"xlstm bench: warm-up of {be.name} refused ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _resolve_backends(spec: str):
@@ -1043,7 +1177,7 @@ def run(args) -> int:
     meta = {"command": command, "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info(torch, backends), "backends": [b.name for b in backends],
             "hidden": list(hidden), "seq_len": list(seqs), "batch": list(args.batch), "layers": list(layers),
-            "dtype": args.dtype, "precision": args.precision, "input_size": "= H",
+            "dtype": args.dtype, "precision": args.precision, "layer_norm": args.layer_norm, "input_size": "= H",
             "cuda_graphs": {b.name: b.graphs_active() for b in backends if hasattr(b, "graphs_active")},
             "persistent": args.persistent,
             "timing": "medians of interleaved rounds after warm-up, "
@@ -1051,6 +1185,7 @@ def run(args) -> int:
     print(f"xlstm bench: {len(cells)} cells x {len(backends)} backend(s) {[b.name for b in backends]}, "
           f"{args.dtype}, precision {args.precision}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
           f"cells over {args.max_cell_seconds:g} s skipped", file=sys.stderr)
+    stem = args.name or ("bench-" + "-".join(b.name for b in backends) + ("-quick" if quick else ""))
     planner = Planner(args)
     bar = _progress(len(cells) * len(backends), not args.no_progress)
     rows, numpy_host = [], {}
@@ -1067,11 +1202,23 @@ def run(args) -> int:
                     bar.set_postfix_str(label)
                 elif not args.no_progress:
                     print(f"[{len(rows) + 1}/{len(cells) * len(backends)}] {label}", file=sys.stderr, flush=True)
-                row, host = bench_cell(cell, be, args, torch, planner,
-                                       numpy_host if be.name == "cupy" else None)
+                try:
+                    row, host = bench_cell(cell, be, args, torch, planner,
+                                           numpy_host if be.name == "cupy" else None)
+                except BenchCheckError:
+                    raise
+                except XlstmError as e:
+                    # this cell cannot run as asked (e.g. --persistent on where U does not fit):
+                    # the row says why and the grid goes on
+                    row, host = _empty_row(cell, be, args), None
+                    row.update(status="error", note=f"{type(e).__name__}: {e}")
+                    print(f"xlstm bench: {label}: {row['note']}", file=sys.stderr)
                 if be.name == "numpy" and host is not None:
                     numpy_host[(cell.H, cell.T, cell.B, cell.layers)] = host
                 rows.append(row)
+                # what is done so far, on disk after every cell: a run killed by a time limit
+                # keeps its finished cells (meta "partial": true until the run ends)
+                write_outputs({"meta": dict(meta, partial=True), "rows": rows}, args.out, stem, plot=False)
                 if bar is not None:
                     bar.update(1)
                 gc.collect()
@@ -1079,6 +1226,8 @@ def run(args) -> int:
         if bar is not None:
             bar.close()
         print(f"xlstm bench: check failed, nothing more timed: {e}", file=sys.stderr)
+        write_outputs({"meta": dict(meta, partial=True, check_failed=str(e)), "rows": rows}, args.out, stem,
+                      plot=False)
         return 1
     finally:
         if limiter is not None:
@@ -1100,7 +1249,6 @@ def run(args) -> int:
     print(format_table(rows))
     if meta["skipped"]:
         print("\nskipped:\n  " + "\n  ".join(meta["skipped"]))
-    stem = args.name or ("bench-" + "-".join(b.name for b in backends) + ("-quick" if quick else ""))
     paths = write_outputs(result, args.out, stem, plot=not args.no_plot)
     print(f"\nelapsed {meta['elapsed_s']:.0f} s; wrote " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0

@@ -154,21 +154,29 @@ class GraphCache:
                 buffers[name] = a
         keep = be.prepare_capture(op, args)     # kernels compiled, scratch allocated, now
         nbytes += sum(getattr(k, "nbytes", 0) for k in keep)
-        stream = xp.cuda.Stream(non_blocking=True)
-        with stream:
-            stream.begin_capture()
-            try:
-                fn(be, **buffers)
-            except BaseException:
-                try:                           # end the capture; the op's own error is the news
-                    stream.end_capture()
-                except Exception:
-                    pass
-                raise
-            graph = stream.end_capture()
+        graph = capture(xp, lambda: fn(be, **buffers))
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
         return _Entry(graph, buffers, keep, nbytes, time.perf_counter() - t0)
+
+
+def capture(xp, fn):
+    """The work ``fn()`` issues, captured on a fresh non-blocking stream into a graph (not run).
+
+    Everything ``fn`` needs (kernels, handles, scratch) must exist before: capture must not
+    allocate. An error inside ends the capture and is raised as is."""
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            fn()
+        except BaseException:
+            try:                           # end the capture; fn's own error is the news
+                stream.end_capture()
+            except Exception:
+                pass
+            raise
+        return stream.end_capture()
 
 
 @functools.lru_cache(maxsize=None)
