@@ -1,0 +1,208 @@
+"""The training step does not wait on the device: host syncs and device ops per step, counted.
+
+The counts come from the stand-in cupy of tests/test_cupy_backend.py in counting mode: its
+arrays are an ndarray subclass seen as cupy's, whose host reads (asnumpy, .get(), .item(),
+float/int/bool, Stream.synchronize) are counted as syncs, and whose ufuncs, reductions, copies,
+fancy indexing, GEMMs, raw kernel launches and graph launches are counted as device ops. The
+whole step is ``xlstm.train.train_step`` (Embedding -> LSTM -> Dense -> cross-entropy -> clip
+-> Adam), the code ``xlstm train`` runs.
+
+Measured before this change (default model scaled down: H=16, E=8, V=20, B=4), per step:
+14 syncs (8 NaN checks, 2+2 id/target range reads, 1 loss read, 1 clip-norm read; the loop
+added a stream synchronize) and 174 device ops with one layer, 255 with two; neither depends
+on T (the LSTM loops are graph-replayed). Now: 0 syncs, 121 and 166 ops.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xlstm
+from test_cupy_backend import host_lib, install_fakes  # noqa: F401 (fixture)
+from xlstm import checks, distributed, optim, train
+from xlstm.errors import InputError
+from xlstm.losses import cross_entropy
+
+
+def _setup(host_lib, monkeypatch, layers=1, H=16, E=8, V=20, flat=True):
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True, counting=True)
+    from xlstm import backends
+    be = backends._cupy_backend()
+    assert be.graphs_active()
+    model = train.build_model(dict(train.DEFAULTS, hidden=H, layers=layers, embed=E), V, be)
+    if flat:
+        distributed.FlatGrads(model)
+    return fake, be, model, optim.Adam(model, lr=1e-3)
+
+
+def _steps(fake, model, opt, T, B=4, V=20, n=3, clip=1.0):
+    rng = np.random.default_rng(0)
+    carry, per = None, []
+    for _ in range(n):
+        ids = rng.integers(0, V, (T + 1, B))
+        fake.counts.reset()
+        loss, norm, carry = train.train_step(model, opt, ids[:-1], ids[1:], carry, clip)
+        per.append((fake.counts.total_syncs(), fake.counts.total_ops(), dict(fake.counts.sync_sites)))
+    return per, loss, norm
+
+
+# the design's bound per step, graphs replaying: no sync; ops (one per elementwise op, copy,
+# GEMM or graph launch) for the Embedding, Dense, loss, clip and flat Adam, plus per LSTM layer
+# its graph launches, the input GEMMs, bias and state copies: about 45 a layer (measured 121, 166)
+OPS_FIRST_LAYER, OPS_PER_LAYER = 125, 50
+
+
+@pytest.mark.parametrize("T,layers", [(8, 1), (16, 1), (8, 2)])
+def test_a_training_step_never_syncs_and_its_ops_do_not_grow_with_T(host_lib, monkeypatch, T, layers):
+    fake, be, model, opt = _setup(host_lib, monkeypatch, layers=layers)
+    with checks.deferred():
+        per, loss, norm = _steps(fake, model, opt, T)
+        syncs, ops, sites = per[-1]          # steady state: the graphs are captured
+        assert syncs == 0, f"host syncs in a training step at {sites}"
+        assert ops <= OPS_FIRST_LAYER + OPS_PER_LAYER * (layers - 1), (ops, dict(fake.counts.ops))
+        assert per[-1][1] == per[-2][1]
+        fake.counts.reset()
+        vals = train.read_floats(be, [loss, norm])     # the natural sync: one transfer
+        assert fake.counts.total_syncs() == 1 and all(np.isfinite(vals))
+        fake.counts.reset()
+    assert fake.counts.total_syncs() == 1            # leaving the block reads the queued checks, once
+
+
+def test_the_counter_sees_the_host_reads_it_is_meant_to_prevent(host_lib, monkeypatch):
+    # the same step with the host-reading clip and loss: the counter must report them
+    fake, be, model, opt = _setup(host_lib, monkeypatch)
+    x = np.random.default_rng(1).integers(0, 20, (9, 4))
+    model.zero_grad()
+    fake.counts.reset()
+    logits = model.forward(x[:-1])
+    loss, dlogits = cross_entropy(be.asarray(logits), be.asarray(x[1:]))
+    model.backward(dlogits)
+    optim.clip_grad_norm(model, 1.0)
+    s = fake.counts.syncs
+    assert s["float"] == 2 and s["bool"] >= 4, dict(s)     # loss, norm; NaN checks, the targets range
+
+
+def test_flat_adam_counts_one_pass_not_one_per_parameter(host_lib, monkeypatch):
+    per = {}
+    for flat in (False, True):
+        fake, be, model, opt = _setup(host_lib, monkeypatch, flat=flat)
+        with checks.deferred():
+            per[flat] = _steps(fake, model, opt, 8)[0][-1][1]
+    # six parameters: the per-tensor update issues ~11 ops for each, the flat one ~11 in all
+    assert per[False] - per[True] >= 40, per
+
+
+def test_nan_input_on_the_device_still_raises_with_its_name(host_lib, monkeypatch):
+    fake, be, model, opt = _setup(host_lib, monkeypatch)
+    lstm = model[1]
+    x = np.ones((3, 2, 8), np.float32)
+    x[1, 0, 2] = np.nan
+    with pytest.raises(InputError, match="x contains NaN"):        # not deferred: at once
+        lstm.forward(be.asarray(x))
+    with pytest.raises(InputError, match="x contains NaN"):
+        with checks.deferred():
+            fake.counts.reset()
+            lstm.forward(be.asarray(x))                            # queued, no sync ...
+            assert fake.counts.total_syncs() == 0
+            checks.flush()                                         # ... read at the natural sync
+    with pytest.raises(InputError, match=r"ids must lie in \[0, 20\).*got values in \[0, 25\]"):
+        with checks.deferred():
+            model.forward(be.asarray(np.array([[0, 25]])))
+    with pytest.raises(InputError, match=r"targets must lie in \[0, 20\)"):
+        with checks.deferred():
+            cross_entropy(be.asarray(np.zeros((2, 20), np.float32)), be.asarray(np.array([3, -1])))
+
+
+def test_a_nan_loss_stops_training_at_the_next_read(monkeypatch, tmp_path):
+    # the loss of step 5 made NaN: read at the log of step 20, the error names step 5
+    import argparse
+
+    import xlstm.losses
+    real, calls = xlstm.losses.cross_entropy, []
+
+    def nan_at_5(*a, **k):
+        loss, d = real(*a, **k)
+        calls.append(1)
+        return (loss * np.nan if len(calls) == 5 else loss), d
+    monkeypatch.setattr(xlstm.losses, "cross_entropy", nan_at_5)
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--backend", "numpy", "--max-chars", "20000", "--steps", "40", "--hidden", "8",
+                         "--embed", "4", "--no-progress", "--out", str(tmp_path / "r"), "--log-every", "20",
+                         "--eval-every", "40", "--save-every", "40", "--seq-len", "8", "--batch", "2"])
+    with pytest.raises(xlstm.errors.XlstmError, match=r"training loss became nan at step 5;"):
+        train.run(args)
+    assert len(calls) == 20          # the run went on to the read, and no checkpoint was written
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+# -- bitwise equality with the host paths, on NumPy -------------------------------------------
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+@pytest.mark.parametrize("flat", [False, True])
+def test_clip_on_device_equals_the_host_clip_bitwise(max_norm, flat):
+    rng = np.random.default_rng(3)
+    shapes = [(5, 7), (7,), (3, 4, 2)]
+    src = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    def grads():
+        if not flat:
+            return [a.copy() for a in src]
+        buf = np.concatenate([a.ravel() for a in src])
+        out, off = [], 0
+        for a in src:
+            out.append(buf[off:off + a.size].reshape(a.shape))
+            off += a.size
+        return out
+    g1, g2 = grads(), grads()
+    n1 = optim.clip_grad_norm(g1, max_norm)
+    n2 = optim.clip_grad_norm(g2, max_norm, on_device=True)
+    assert isinstance(n1, float) and float(n2) == n1
+    for a, b in zip(g1, g2):
+        assert a.tobytes() == b.tobytes()
+    bad = grads()
+    bad[1][2] = np.inf
+    before = [a.copy() for a in bad]
+    assert not np.isfinite(float(optim.clip_grad_norm(bad, 1.0, on_device=True)))
+    for a, b in zip(bad, before):            # a non-finite norm leaves the gradients unchanged
+        assert a.tobytes() == b.tobytes()
+
+
+def test_loss_on_device_is_the_same_float():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((6, 3, 11)).astype(np.float32)
+    t = rng.integers(0, 11, (6, 3))
+    a, da = cross_entropy(logits, t)
+    b, db = cross_entropy(logits, t, on_device=True)
+    assert float(b) == a and da.tobytes() == db.tobytes()
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_flat_adam_equals_the_per_tensor_adam_bitwise(wd):
+    def model():
+        return xlstm.Sequential(xlstm.Embedding(13, 4, seed=0), xlstm.LSTM(4, 6, seed=0), xlstm.Dense(6, 13, seed=0))
+    per, flat = model(), model()
+    distributed.FlatGrads(flat)
+    o1, o2 = optim.Adam(per, lr=1e-2, weight_decay=wd), optim.Adam(flat, lr=1e-2, weight_decay=wd)
+    rng = np.random.default_rng(5)
+    def step_both(pairs):
+        ids = rng.integers(0, 13, (6, 2))
+        for m, o in pairs:
+            m.zero_grad()
+            loss, d = cross_entropy(m.forward(ids[:-1]), ids[1:])
+            m.backward(d)
+            o.step()
+    for step in range(4):
+        step_both(((per, o1), (flat, o2)))
+        assert getattr(o2, "_flat", None) is not None and getattr(o1, "_flat", None) is None
+        for k in per.params:
+            assert per.params[k].tobytes() == flat.params[k].tobytes(), (step, k)
+    # the optimiser state round-trips: a restored flat optimiser continues bit for bit
+    sd = o2.state_dict()
+    o3 = optim.Adam(flat, lr=1e-2, weight_decay=wd)
+    o3.load_state_dict(sd)
+    for k in sd["state"]:
+        for b in sd["state"][k]:
+            assert sd["state"][k][b].tobytes() == o1.state_dict()["state"][k][b].tobytes()
+    step_both(((per, o1), (flat, o3)))
+    for k in per.params:
+        assert per.params[k].tobytes() == flat.params[k].tobytes(), k
