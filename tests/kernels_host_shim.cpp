@@ -18,6 +18,7 @@
 
 #include "lstm_persistent.cuh"
 #include "lstm_pointwise.cuh"
+#include "optim.cuh"
 #include "precision.cuh"
 
 namespace {
@@ -234,6 +235,16 @@ void host_lstm_backward_step_f64(const double* gates, const double* c_prev, cons
 
 XLSTM_LN_SHIM(float, f32)
 XLSTM_LN_SHIM(double, f64)
+
+#define XLSTM_ADAM_SHIM(T, SFX)                                                               \
+  void host_adam_step_##SFX(T* p, const T* g, T* m, T* v, T decay, T b1, T c1, T b2, T c2,      \
+                            T bc2, T eps, T step, long long n) {                                \
+    for (long long k = 0; k < n; ++k)                                                         \
+      xlstm::adam_at<T>(k, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step);                 \
+  }
+
+XLSTM_ADAM_SHIM(float, f32)
+XLSTM_ADAM_SHIM(double, f64)
 
 void host_f32_to_bf16(const float* x, unsigned short* y, long long n) {
   for (long long k = 0; k < n; ++k) y[k] = xlstm::f32_to_bf16_bits(x[k]);

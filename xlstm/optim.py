@@ -87,9 +87,11 @@ class Optimizer:
         return buf
 
     def zero_grad(self) -> None:
-        """Set every gradient to zero, in place."""
-        for g in self._get()[1].values():
-            g[...] = 0
+        """Set every gradient to zero, in place (one fill of the flat buffer where they are views of one)."""
+        grads = list(self._get()[1].values())
+        if grads:
+            for g in _flat_or(grads):
+                g[...] = 0
 
     def step(self) -> None:
         self.step_count += 1
@@ -213,24 +215,39 @@ class Adam(Optimizer):
         """The update as one pass of each operation over flat buffers; False where it cannot.
 
         Needs the gradients to be consecutive views of one flat buffer (``distributed.FlatGrads``)
-        and no coupled weight decay (that reads the parameters, which are separate arrays). The
-        moments become views of flat buffers too (``state`` keeps per-name views of them). Every
-        operation is elementwise and in ``_moments``' order, so each element gets the very
-        operations of the per-tensor update: the results are equal bit for bit.
+        and no coupled weight decay (that stays on the per-tensor path). The moments become views
+        of flat buffers too (``state`` keeps per-name views of them). Where the parameters are
+        flat as well (``distributed.FlatParams``) the subtraction is one pass too, and a backend
+        with a fused ``adam_step`` (CuPy) does all of it in one kernel launch. Every operation is
+        elementwise and in ``_moments``' order, so each element gets the very operations of the
+        per-tensor update: the results are equal bit for bit.
         """
         if not pairs or (self.weight_decay and not self.decoupled):
             return False
         grads = [g for _, _, g in pairs]
         xp = backends.backend_of(grads[0]).xp
-        G = _flat_or(grads, xp)[0]
+        G = _flat_or(grads)[0]
         if G.ndim != 1 or G.size != sum(int(g.size) for g in grads):
             return False
         names = [k for k, _, _ in pairs]
         M, V = self._flat_moments(names, pairs, G)
+        P = _flat_or([p for _, p, _ in pairs])[0]
+        whole = P.ndim == 1 and P.size == G.size and P.dtype == G.dtype      # parameters flat too
+        decay = 1.0 - self.lr * self.weight_decay
+        fused = getattr(backends.backend_of(G), "adam_step", None)
+        if whole and fused is not None:          # CuPy: the whole update in one kernel
+            b1, b2 = self.betas
+            t = self.step_count
+            fused(P, G, M, V, decay if self.weight_decay else 1.0, b1, 1.0 - b1, b2, 1.0 - b2,
+                  math.sqrt(1.0 - b2 ** t), self.eps, self.lr / (1.0 - b1 ** t))
+            return True
         if self.weight_decay:
-            for _, p, _ in pairs:
-                p *= 1.0 - self.lr * self.weight_decay
+            for p in [P] if whole else [p for _, p, _ in pairs]:
+                p *= decay
         d = self._moments(xp, M, V, G)
+        if whole:
+            P -= d
+            return True
         off = 0
         for _, p, _ in pairs:
             p -= d[off:off + p.size].reshape(p.shape)
@@ -274,7 +291,7 @@ class Adam(Optimizer):
 
     def _moments(self, xp, m, v, g):
         """m, v updated in place; returns the step d (a scratch array like g) with p -= d."""
-        b1, b2 = self.betas
+        b1, b2 = self.betas       # the order of operations is adam_at's (kernels/optim.cuh)
         t = self.step_count
         d = self._tmp(g, 0)
         m *= b1
@@ -329,7 +346,7 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
         total = xp.sqrt(xp.asarray(sq, dtype=np.float64))       # float64 sqrt, as math.sqrt
         clip = xp.isfinite(total) & (total > max_norm)
         scale = xp.where(clip, max_norm / xp.where(clip, total, 1.0), 1.0)
-        for g in _flat_or(grads, xp):
+        for g in _flat_or(grads):
             g *= scale.astype(g.dtype)
         return total
     total = math.sqrt(float(sq))
@@ -340,7 +357,7 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
     return total
 
 
-def _flat_or(arrays, xp):
+def _flat_or(arrays):
     """``[flat]`` where the arrays are, in order, consecutive views filling one flat buffer
     (``distributed.FlatGrads``): a scale is then one launch instead of one per array."""
     base = getattr(arrays[0], "base", None)

@@ -259,11 +259,12 @@ def eval_sums(model, streams: np.ndarray, seq_len: int) -> tuple[float, int]:
         y = np.ascontiguousarray(streams[:, p + 1:p + 1 + x.shape[0]].T)
         logits = model.forward(x, state=state)
         state = model.last_state
-        loss, _ = cross_entropy(logits, y)
-        total += loss * y.size
+        # summed on the device in float64, as the host would, and read once at the end
+        loss, _ = cross_entropy(logits, y, on_device=True)
+        total = total + loss * y.size
         count += y.size
     model.train(was_training)
-    return total, count
+    return (read_floats(model.backend, [total])[0] if count else 0.0), count
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -466,7 +467,7 @@ def train_step(model, opt, x, y, carry, clip: float, group=None, batch=None):
 
     group = group or distributed.Single()
     lstm = lstm_of(model)
-    model.zero_grad()
+    opt.zero_grad()                 # the model's gradients: one fill where they are flat
     masks = group.draw_masks(lstm, x.shape[0], batch or x.shape[1])
     logits = model.forward(x, state=carry, **({} if masks is None else {"masks": masks}))
     carry = model.last_state
@@ -569,8 +570,9 @@ def _run(args, t_start, backend, group) -> int:
             carry = tuple(backend.asarray(np.ascontiguousarray(arrays[k][:, mine])) for k in ("carry/h", "carry/c"))
         step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
         last_val = meta.get("val_loss")
-    # every gradient a view of one flat buffer: clipping scales it and Adam updates over it in
-    # one pass per operation (a distributed group re-flattens them for its all-reduce)
+    # every parameter and gradient a view of one flat buffer: clipping scales it in one pass and
+    # Adam updates all at once (a distributed group re-flattens the gradients for its all-reduce)
+    distributed.FlatParams(model)
     distributed.FlatGrads(model)
     group.attach(model)
     if group.main:

@@ -424,6 +424,20 @@ class CupyBackend(Backend):
         # column sums over the rows, in row order: deterministic, unlike atomics
         self._kernel("ln_accumulate", dt)((self._grid(10 * H),), (self.BLOCK,), acc)
 
+    # -- the optimiser ------------------------------------------------------------------------
+    def adam_step(self, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step) -> None:
+        """One Adam/AdamW update of the flat buffers p, g, m, v [n] in one launch.
+
+        p = p*decay; m = m*b1 + g*c1; v = v*b2 + g*g*c2; p -= m / (sqrt(v)/bc2 + eps) * step,
+        each operation rounded as NumPy's passes over the same buffers (kernels/optim.cuh).
+        """
+        dt = getattr(p, "dtype", None)
+        n = int(p.size)
+        a, T = self._arg, np.dtype(dt).type
+        args = (a("p", p, (n,), dt), a("g", g, (n,), dt), a("m", m, (n,), dt), a("v", v, (n,), dt),
+                *(T(x) for x in (decay, b1, c1, b2, c2, bc2, eps, step)), np.int64(n))
+        self._kernel("adam_step", dt)((self._grid(n),), (self.BLOCK,), args)
+
     # -- GEMM -------------------------------------------------------------------------------
     def _gemm(self):
         """This device's ``CublasGemm``, or None where nvmath-python is missing (said once)."""

@@ -14,6 +14,7 @@
 // uniform across the grid and costs nothing measurable next to the memory traffic.
 #include "lstm_pointwise.cuh"
 #include "precision.cuh"
+#include "optim.cuh"
 
 namespace {
 
@@ -282,4 +283,38 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, unsigned sho
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
     y[k] = xlstm::f32_to_bf16_bits(x[k]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// adam_step_{f32,f64}: one Adam/AdamW step of every parameter at once (a multi-tensor update):
+// the parameters, gradients and both moments are flat buffers of n elements in the same order
+// (xlstm/optim.py: Adam over distributed.FlatGrads views). Math and rounding: optim.cuh.
+//
+//   p      [n]  in/out: parameters.        g  [n]  gradients (after clipping).
+//   m      [n]  in/out: first moment.      v  [n]  in/out: second moment.
+//   decay       1 - lr*wd (AdamW; 1 without weight decay).
+//   b1, c1      beta1 and 1 - beta1.       b2, c2   beta2 and 1 - beta2.
+//   bc2         sqrt(1 - beta2^t).         eps      Adam's epsilon.
+//   step        lr / (1 - beta1^t).        n        number of elements.
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void adam_step_impl(T* p, const T* g, T* m, T* v, T decay, T b1, T c1,
+                                               T b2, T c2, T bc2, T eps, T step, long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
+    xlstm::adam_at<T>(k, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step);
+}
+}  // namespace
+
+extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, float decay,
+                                         float b1, float c1, float b2, float c2, float bc2,
+                                         float eps, float step, long long n) {
+  adam_step_impl<float>(p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step, n);
+}
+
+extern "C" __global__ void adam_step_f64(double* p, const double* g, double* m, double* v,
+                                         double decay, double b1, double c1, double b2, double c2,
+                                         double bc2, double eps, double step, long long n) {
+  adam_step_impl<double>(p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step, n);
 }
