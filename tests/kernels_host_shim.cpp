@@ -246,6 +246,24 @@ XLSTM_LN_SHIM(double, f64)
 XLSTM_ADAM_SHIM(float, f32)
 XLSTM_ADAM_SHIM(double, f64)
 
+// grad_norm: the block's threads in order, then the same tree over their partial sums
+#define XLSTM_CLIP_SHIM(T, SFX)                                                               \
+  void host_grad_norm_##SFX(const T* g, long long n, double* total) {                         \
+    double part[xlstm::NORM_THREADS];                                                         \
+    for (int tid = 0; tid < xlstm::NORM_THREADS; ++tid)                                       \
+      part[tid] = xlstm::sumsq_strided<T>(g, n, tid);                                         \
+    for (int w = xlstm::NORM_THREADS / 2; w > 0; w >>= 1)                                     \
+      for (int tid = 0; tid < w; ++tid) part[tid] = xlstm::add_rn(part[tid], part[tid + w]);  \
+    total[0] = xlstm::sqrt_rn(part[0]);                                                       \
+  }                                                                                           \
+  void host_clip_by_norm_##SFX(T* g, long long n, const double* total, double max_norm) {     \
+    const T s = (T)xlstm::clip_scale(total[0], max_norm);                                     \
+    for (long long k = 0; k < n; ++k) g[k] = xlstm::mul_rn(g[k], s);                          \
+  }
+
+XLSTM_CLIP_SHIM(float, f32)
+XLSTM_CLIP_SHIM(double, f64)
+
 void host_f32_to_bf16(const float* x, unsigned short* y, long long n) {
   for (long long k = 0; k < n; ++k) y[k] = xlstm::f32_to_bf16_bits(x[k]);
 }

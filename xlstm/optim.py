@@ -334,19 +334,27 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
     scale = max_norm / total where finite(total) and total > max_norm, else 1,
     rounded to the gradients' dtype first, as the host path rounds its Python float; a
     multiplication by 1 changes no bit, so both paths give the same gradients bit for bit.
+    On CuPy, where the gradients are views of one flat buffer (``distributed.FlatGrads``), it is
+    two kernel launches instead (``clip_by_global_norm``: the sum of squares in float64, in a
+    fixed order), so there the norm differs from NumPy's float32 partial sums in the last bits.
     """
     max_norm = _check_float(max_norm, "max_norm", 0.0, lo_open=True)
     grads = _grads_of(grads_dict_or_module)
     if not grads:
         return 0.0
-    xp = backends.backend_of(grads[0]).xp
+    backend = backends.backend_of(grads[0])
+    xp = backend.xp
+    fused = getattr(backend, "clip_by_global_norm", None) if on_device else None
+    flat = _flat_or(grads)
+    if fused is not None and len(flat) == 1 and flat[0].ndim == 1:
+        return fused(flat[0], max_norm)
     # per-array partial sums, added in the model's order (a flat-buffer sum would round differently)
     sq = sum(xp.vdot(g.reshape(-1), g.reshape(-1)) for g in grads)
     if on_device:
         total = xp.sqrt(xp.asarray(sq, dtype=np.float64))       # float64 sqrt, as math.sqrt
         clip = xp.isfinite(total) & (total > max_norm)
         scale = xp.where(clip, max_norm / xp.where(clip, total, 1.0), 1.0)
-        for g in _flat_or(grads):
+        for g in flat:
             g *= scale.astype(g.dtype)
         return total
     total = math.sqrt(float(sq))

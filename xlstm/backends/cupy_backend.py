@@ -438,6 +438,24 @@ class CupyBackend(Backend):
                 *(T(x) for x in (decay, b1, c1, b2, c2, bc2, eps, step)), np.int64(n))
         self._kernel("adam_step", dt)((self._grid(n),), (self.BLOCK,), args)
 
+    NORM_THREADS = 256     # the one block of grad_norm (xlstm::NORM_THREADS in optim.cuh)
+
+    def clip_by_global_norm(self, g, max_norm):
+        """Global-norm clipping of the flat gradient buffer g [n] in two launches, no host read.
+
+        total = sqrt(sum g^2) summed in float64 in a fixed order (one block, then a tree);
+        g *= max_norm / total where total is finite and > max_norm. Returns total, a 0-d float64
+        device array (read at the log interval).
+        """
+        dt = getattr(g, "dtype", None)
+        n = int(g.size)
+        g = self._arg("g", g, (n,), dt)
+        total = self.xp.empty((), np.float64)
+        self._kernel("grad_norm", dt)((1,), (self.NORM_THREADS,), (g, np.int64(n), total))
+        self._kernel("clip_by_norm", dt)((self._grid(n),), (self.BLOCK,),
+                                         (g, np.int64(n), total, np.float64(max_norm)))
+        return total
+
     # -- GEMM -------------------------------------------------------------------------------
     def _gemm(self):
         """This device's ``CublasGemm``, or None where nvmath-python is missing (said once)."""

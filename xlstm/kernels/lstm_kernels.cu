@@ -318,3 +318,60 @@ extern "C" __global__ void adam_step_f64(double* p, const double* g, double* m, 
                                          double bc2, double eps, double step, long long n) {
   adam_step_impl<double>(p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step, n);
 }
+
+// ---------------------------------------------------------------------------------------------
+// grad_norm_{f32,f64}: total = sqrt(sum of g^2) over the flat gradient buffer, in double, in a
+// fixed order (optim.cuh). Launch: ONE block of xlstm::NORM_THREADS (256) threads.
+//
+//   g      [n]  gradients.            n       number of elements.
+//   total  [1]  out: the global L2 norm (double), read by clip_by_norm and, later, the log.
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void grad_norm_impl(const T* g, long long n, double* total) {
+  __shared__ double part[xlstm::NORM_THREADS];
+  const int tid = threadIdx.x;
+  part[tid] = xlstm::sumsq_strided<T>(g, n, tid);
+  __syncthreads();
+  for (int w = xlstm::NORM_THREADS / 2; w > 0; w >>= 1) {
+    if (tid < w) part[tid] = xlstm::add_rn(part[tid], part[tid + w]);
+    __syncthreads();
+  }
+  if (tid == 0) total[0] = xlstm::sqrt_rn(part[0]);
+}
+
+template <typename T>
+__device__ __forceinline__ void clip_by_norm_impl(T* g, long long n, const double* total,
+                                                  double max_norm) {
+  const T s = (T)xlstm::clip_scale(total[0], max_norm);
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
+    g[k] = xlstm::mul_rn(g[k], s);
+}
+}  // namespace
+
+extern "C" __global__ void grad_norm_f32(const float* g, long long n, double* total) {
+  grad_norm_impl<float>(g, n, total);
+}
+
+extern "C" __global__ void grad_norm_f64(const double* g, long long n, double* total) {
+  grad_norm_impl<double>(g, n, total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// clip_by_norm_{f32,f64}: g *= clip_scale(total, max_norm) rounded to T (optim.cuh), so the
+// clipped norm is max_norm; a norm at most max_norm, NaN or infinite leaves g unchanged.
+//
+//   g         [n]  in/out: gradients.      n  number of elements.
+//   total     [1]  the norm from grad_norm (double, on the device: no host read).
+//   max_norm       the clipping threshold.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void clip_by_norm_f32(float* g, long long n, const double* total,
+                                            double max_norm) {
+  clip_by_norm_impl<float>(g, n, total, max_norm);
+}
+
+extern "C" __global__ void clip_by_norm_f64(double* g, long long n, const double* total,
+                                            double max_norm) {
+  clip_by_norm_impl<double>(g, n, total, max_norm);
+}

@@ -53,4 +53,26 @@ XLSTM_HD void adam_at(index_t k, T* p, const T* g, T* m, T* v, T decay, T b1, T 
   p[k] = sub_rn(pk, mul_rn(d, step));
 }
 
+// -- global-norm clipping (kernels grad_norm and clip_by_norm) -------------------------------
+// One block of NORM_THREADS threads sums g^2 over the flat gradient buffer in double: thread
+// tid takes k = tid, tid + NORM_THREADS, ... in order, then a fixed tree adds the partial sums
+// (pairs w apart, w = NORM_THREADS/2 ... 1). No atomics: the same buffer gives the same bits.
+constexpr int NORM_THREADS = 256;
+
+template <typename T>
+XLSTM_HD double sumsq_strided(const T* g, index_t n, int tid) {
+  double s = 0.0;
+  for (index_t k = tid; k < n; k += NORM_THREADS) {
+    const double x = (double)g[k];
+    s = add_rn(s, mul_rn(x, x));
+  }
+  return s;
+}
+
+// The clip factor: max_norm / total where total is finite and above max_norm, else 1 (a NaN
+// or infinite norm leaves the gradients unchanged, as xlstm.optim.clip_grad_norm).
+XLSTM_HD double clip_scale(double total, double max_norm) {
+  return (total > max_norm && total <= 1.7976931348623157e308) ? div_rn(max_norm, total) : 1.0;
+}
+
 }  // namespace xlstm
