@@ -19,6 +19,7 @@
 #include "lstm_persistent.cuh"
 #include "lstm_pointwise.cuh"
 #include "optim.cuh"
+#include "xent.cuh"
 #include "precision.cuh"
 
 namespace {
@@ -263,6 +264,34 @@ XLSTM_ADAM_SHIM(double, f64)
 
 XLSTM_CLIP_SHIM(float, f32)
 XLSTM_CLIP_SHIM(double, f64)
+
+// softmax_xent: per row, the block's threads in order, then the kernel's trees
+#define XLSTM_XENT_SHIM(T, SFX)                                                               \
+  void host_softmax_xent_##SFX(const T* x, const long long* t, T* dx, T* nll, long long N,     \
+                               long long V, T count) {                                        \
+    T part[xlstm::XENT_THREADS];                                                              \
+    for (long long r = 0; r < N; ++r) {                                                       \
+      const T* xr = x + r * V;                                                                \
+      T* dr = dx + r * V;                                                                     \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        part[tid] = xlstm::xent_max_strided<T>(xr, V, tid);                                   \
+      for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1)                                   \
+        for (int tid = 0; tid < w; ++tid)                                                     \
+          part[tid] = part[tid + w] > part[tid] ? part[tid + w] : part[tid];                  \
+      const T mx = part[0];                                                                   \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        part[tid] = xlstm::xent_sum_strided<T>(xr, dr, V, mx, tid);                           \
+      for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1)                                   \
+        for (int tid = 0; tid < w; ++tid) part[tid] = part[tid] + part[tid + w];              \
+      const T z = part[0];                                                                    \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        xlstm::xent_grad_strided<T>(dr, V, t[r], z, count, tid);                              \
+      nll[r] = xlstm::xent_nll<T>(xr, V, t[r], mx, z);                                        \
+    }                                                                                         \
+  }
+
+XLSTM_XENT_SHIM(float, f32)
+XLSTM_XENT_SHIM(double, f64)
 
 void host_f32_to_bf16(const float* x, unsigned short* y, long long n) {
   for (long long k = 0; k < n; ++k) y[k] = xlstm::f32_to_bf16_bits(x[k]);

@@ -335,6 +335,10 @@ def device_array_class(counts: DeviceCounts):
         def __getitem__(self, idx):
             parts = idx if isinstance(idx, tuple) else (idx,)
             fancy = any(isinstance(i, (np.ndarray, list)) for i in parts)
+            if fancy and all(isinstance(i, np.ndarray) and i.dtype.kind in "iu" for i in parts):
+                # as cupy's: out-of-bounds integer indices wrap around instead of raising (so
+                # the read is safe until a deferred range check reports the index)
+                idx = tuple(np.mod(i.view(np.ndarray), n) for i, n in zip(parts, self.shape))
             return dev(inside("gather" if fancy else None, super().__getitem__, idx))
 
         def __setitem__(self, idx, value):

@@ -10,9 +10,10 @@ whole step is ``xlstm.train.train_step`` (Embedding -> LSTM -> Dense -> cross-en
 Measured before this change (default model scaled down: H=16, E=8, V=20, B=4), per step:
 14 syncs (8 NaN checks, 2+2 id/target range reads, 1 loss read, 1 clip-norm read; the loop
 added a stream synchronize) and 174 device ops with one layer, 255 with two; neither depends
-on T (the LSTM loops are graph-replayed). Now: 0 syncs, 80 and 113 ops (zero_grad 1, Embedding
-1, LSTM about 40 a layer, Dense 4 + 7, loss 17, Embedding backward 6, clip 2, Adam 1). With
-graphs off the LSTM's eager loop adds 14 ops per time step and layer (T=8: 184, T=16: 296).
+on T (the LSTM loops are graph-replayed). Now: 0 syncs, 69 and 102 ops (zero_grad 1, Embedding
+1, LSTM about 35 a layer, Dense 4 + 7, loss 6 with its kernel, Embedding backward 6, clip 2,
+Adam 1). With graphs off the LSTM's eager loop adds 14 ops per time step and layer (T=8: 173,
+T=16: 285).
 Validation reads the device once per evaluation instead of once per window.
 The counts are of the CuPy-level operations the code issues (cupy may use more than one
 kernel for some, e.g. a reduction); they are not a GPU measurement.
@@ -53,9 +54,9 @@ def _steps(fake, model, opt, T, B=4, V=20, n=3, clip=1.0):
 
 
 # the design's bound per step, graphs replaying: no sync; ops (one per elementwise op, copy,
-# GEMM or graph launch): about 40 for the Embedding, Dense and loss, 2 for the clip, 1 for Adam,
-# plus per LSTM layer its graph launches, the input GEMMs, bias and state copies: about 35-40
-OPS_FIRST_LAYER, OPS_PER_LAYER = 85, 40
+# GEMM or graph launch): about 30 for the Embedding, Dense and loss, 2 for the clip, 1 for Adam,
+# plus per LSTM layer its graph launches, the input GEMMs, bias and state copies: about 35
+OPS_FIRST_LAYER, OPS_PER_LAYER = 75, 40
 
 
 @pytest.mark.parametrize("T,layers", [(8, 1), (16, 1), (8, 2)])
@@ -389,3 +390,55 @@ def test_gpu_clip_kernels_match_the_numpy_clip(gpu_be, dtype):
     again = gpu_be.asarray(g0.copy())             # a fixed order: the same bits every time
     n3 = optim.clip_grad_norm([again[:3], again[3:]], 1.0, on_device=True)
     assert float(n3) == float(n2) and gpu_be.to_numpy(again).tobytes() == gpu_be.to_numpy(dev).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("V", [1, 7, 300, 600])
+def test_the_cross_entropy_kernel_matches_numpy(host_lib, monkeypatch, dtype, V):
+    # CuPy's loss as one kernel (its host twin: the rows' thread partials and trees), against
+    # the NumPy lines it replaces; wide logits, more classes than threads, one class
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True, counting=True)
+    from xlstm import backends
+    be = backends._cupy_backend()
+    rng = np.random.default_rng(13)
+    logits = (rng.standard_normal((5, 3, V)) * 30).astype(dtype)
+    t = rng.integers(0, V, (5, 3))
+    want, dwant = cross_entropy(logits, t)
+    with checks.deferred():
+        fake.counts.reset()
+        got, dgot = cross_entropy(be.asarray(logits), be.asarray(t), on_device=True)
+        assert fake.counts.ops[f"raw:softmax_xent_{'f32' if dtype == 'float32' else 'f64'}"] == 1
+        # the kernel, the mean (sum, float64, / count), the queued NaN and range checks
+        assert fake.counts.total_syncs() == 0 and fake.counts.total_ops() <= 12, (dict(fake.counts.ops), fake.counts.sync_sites)
+    tol = {"float32": 2e-6, "float64": 1e-13}[dtype]
+    assert abs(float(got) - want) <= tol * max(1.0, abs(want))
+    d = np.asarray(dgot).view(np.ndarray)
+    assert d.shape == dwant.shape and np.max(np.abs(d - dwant)) <= tol * np.max(np.abs(dwant))
+
+
+def test_the_cross_entropy_kernel_never_reads_past_a_row(host_lib, monkeypatch):
+    # a target out of range: no read out of bounds (NaN loss), and the deferred check names it
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True, counting=True)
+    from xlstm import backends
+    be = backends._cupy_backend()
+    with pytest.raises(InputError, match=r"targets must lie in \[0, 4\).*\[0, 9\]"):
+        with checks.deferred():
+            loss, _ = cross_entropy(be.asarray(np.zeros((2, 4), np.float32)), be.asarray(np.array([0, 9])),
+                                    on_device=True)
+            assert np.isnan(np.asarray(loss).view(np.ndarray))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_cross_entropy_kernel_matches_numpy(gpu_be, dtype):
+    rng = np.random.default_rng(14)
+    logits = (rng.standard_normal((64, 32, 97)) * 5).astype(dtype)
+    t = rng.integers(0, 97, (64, 32))
+    want, dwant = cross_entropy(logits, t)
+    got, dgot = cross_entropy(gpu_be.asarray(logits), gpu_be.asarray(t), on_device=True)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    assert abs(float(got) - want) <= tol * abs(want)
+    d = gpu_be.to_numpy(dgot)
+    assert np.max(np.abs(d - dwant)) <= tol * np.max(np.abs(dwant))
+    again = cross_entropy(gpu_be.asarray(logits), gpu_be.asarray(t), on_device=True)
+    assert float(again[0]) == float(got) and gpu_be.to_numpy(again[1]).tobytes() == d.tobytes()

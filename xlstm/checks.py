@@ -96,7 +96,7 @@ def check_range(backend, a, name: str, lo: int, hi: int, what: str) -> None:
         return
     msg = lambda: (f"{name} must lie in [{lo}, {hi}) ({what}), "  # noqa: E731
                    f"got values in [{int(a.min())}, {int(a.max())}]")
-    if isinstance(a, np.ndarray):
+    if not _is_cupy(a):
         if a.min() < lo or a.max() >= hi:
             raise InputError(msg())
         return

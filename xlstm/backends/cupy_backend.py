@@ -456,6 +456,25 @@ class CupyBackend(Backend):
                                          (g, np.int64(n), total, np.float64(max_norm)))
         return total
 
+    XENT_THREADS = 256     # threads per row of softmax_xent (xlstm::XENT_THREADS in xent.cuh)
+
+    def softmax_cross_entropy(self, x, t, count):
+        """(nll [N], dx [N,V]) of logits x [N,V] and targets t [N] in one launch (kernels/xent.cuh).
+
+        nll = -log softmax(x)[t] per row; dx = (softmax(x) - onehot(t)) / count.
+        """
+        dt = getattr(x, "dtype", None)
+        N, V = x.shape
+        if t.dtype != np.int64:
+            t = t.astype(np.int64)
+        a = self._arg
+        dx, nll = self.xp.empty((N, V), dt), self.xp.empty((N,), dt)
+        args = (a("logits", x, (N, V), dt), a("targets", t, (N,), np.int64), dx, nll,
+                np.int64(N), np.int64(V), np.dtype(dt).type(count))
+        self._kernel("softmax_xent", dt)((max(1, min(N, self._grid(N * self.XENT_THREADS))),),
+                                         (self.XENT_THREADS,), args)
+        return nll, dx
+
     # -- GEMM -------------------------------------------------------------------------------
     def _gemm(self):
         """This device's ``CublasGemm``, or None where nvmath-python is missing (said once)."""

@@ -15,6 +15,7 @@
 #include "lstm_pointwise.cuh"
 #include "precision.cuh"
 #include "optim.cuh"
+#include "xent.cuh"
 
 namespace {
 
@@ -374,4 +375,54 @@ extern "C" __global__ void clip_by_norm_f32(float* g, long long n, const double*
 extern "C" __global__ void clip_by_norm_f64(double* g, long long n, const double* total,
                                             double max_norm) {
   clip_by_norm_impl<double>(g, n, total, max_norm);
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax_xent_{f32,f64}: softmax cross-entropy and its gradient, one block of
+// xlstm::XENT_THREADS (256) threads per row (grid-stride over rows). Math: xent.cuh.
+//
+//   x      [N,V]  logits (C-contiguous).       t    [N]  target class ids (int64).
+//   dx     [N,V]  out: (softmax(x) - onehot(t)) / count.
+//   nll    [N]    out: -log softmax(x)[t] per row (the loss is their sum / count).
+//   N, V          rows and classes.            count     the mean's divisor (N without a mask).
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void softmax_xent_impl(const T* x, const long long* t, T* dx, T* nll,
+                                                  long long N, long long V, T count) {
+  __shared__ T part[xlstm::XENT_THREADS];
+  const int tid = threadIdx.x;
+  for (long long r = blockIdx.x; r < N; r += gridDim.x) {
+    const T* xr = x + r * V;
+    T* dr = dx + r * V;
+    part[tid] = xlstm::xent_max_strided<T>(xr, V, tid);
+    __syncthreads();
+    for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1) {
+      if (tid < w) part[tid] = part[tid + w] > part[tid] ? part[tid + w] : part[tid];
+      __syncthreads();
+    }
+    const T mx = part[0];
+    __syncthreads();
+    part[tid] = xlstm::xent_sum_strided<T>(xr, dr, V, mx, tid);
+    __syncthreads();
+    for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1) {
+      if (tid < w) part[tid] = part[tid] + part[tid + w];
+      __syncthreads();
+    }
+    const T z = part[0];
+    xlstm::xent_grad_strided<T>(dr, V, t[r], z, count, tid);
+    if (tid == 0) nll[r] = xlstm::xent_nll<T>(xr, V, t[r], mx, z);
+    __syncthreads();    // part is reused by the next row
+  }
+}
+}  // namespace
+
+extern "C" __global__ void softmax_xent_f32(const float* x, const long long* t, float* dx,
+                                            float* nll, long long N, long long V, float count) {
+  softmax_xent_impl<float>(x, t, dx, nll, N, V, count);
+}
+
+extern "C" __global__ void softmax_xent_f64(const double* x, const long long* t, double* dx,
+                                            double* nll, long long N, long long V, double count) {
+  softmax_xent_impl<double>(x, t, dx, nll, N, V, count);
 }
