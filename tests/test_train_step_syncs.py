@@ -385,8 +385,10 @@ def test_gpu_clip_kernels_match_the_numpy_clip(gpu_be, dtype):
     n1 = optim.clip_grad_norm(host, 1.0)
     dev = gpu_be.asarray(g0.copy())
     n2 = optim.clip_grad_norm([dev[:3], dev[3:]], 1.0, on_device=True)
-    assert abs(float(n2) - n1) <= {"float32": 1e-5, "float64": 1e-12}[dtype] * n1
-    np.testing.assert_allclose(gpu_be.to_numpy(dev), host[0], rtol={"float32": 1e-5, "float64": 1e-12}[dtype])
+    # NumPy sums 100k float32 squares in float32 (rounding ~sqrt(n) eps), the kernel in float64
+    tol = {"float32": 1e-4, "float64": 1e-12}[dtype]
+    assert abs(float(n2) - n1) <= tol * n1
+    np.testing.assert_allclose(gpu_be.to_numpy(dev), host[0], rtol=tol, atol=tol * np.abs(host[0]).max())
     again = gpu_be.asarray(g0.copy())             # a fixed order: the same bits every time
     n3 = optim.clip_grad_norm([again[:3], again[3:]], 1.0, on_device=True)
     assert float(n3) == float(n2) and gpu_be.to_numpy(again).tobytes() == gpu_be.to_numpy(dev).tobytes()
