@@ -18,6 +18,8 @@
 
 #include "lstm_persistent.cuh"
 #include "lstm_pointwise.cuh"
+#include "optim.cuh"
+#include "xent.cuh"
 #include "precision.cuh"
 
 namespace {
@@ -234,6 +236,62 @@ void host_lstm_backward_step_f64(const double* gates, const double* c_prev, cons
 
 XLSTM_LN_SHIM(float, f32)
 XLSTM_LN_SHIM(double, f64)
+
+#define XLSTM_ADAM_SHIM(T, SFX)                                                               \
+  void host_adam_step_##SFX(T* p, const T* g, T* m, T* v, T decay, T b1, T c1, T b2, T c2,      \
+                            T bc2, T eps, T step, long long n) {                                \
+    for (long long k = 0; k < n; ++k)                                                         \
+      xlstm::adam_at<T>(k, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step);                 \
+  }
+
+XLSTM_ADAM_SHIM(float, f32)
+XLSTM_ADAM_SHIM(double, f64)
+
+// grad_norm: the block's threads in order, then the same tree over their partial sums
+#define XLSTM_CLIP_SHIM(T, SFX)                                                               \
+  void host_grad_norm_##SFX(const T* g, long long n, double* total) {                         \
+    double part[xlstm::NORM_THREADS];                                                         \
+    for (int tid = 0; tid < xlstm::NORM_THREADS; ++tid)                                       \
+      part[tid] = xlstm::sumsq_strided<T>(g, n, tid);                                         \
+    for (int w = xlstm::NORM_THREADS / 2; w > 0; w >>= 1)                                     \
+      for (int tid = 0; tid < w; ++tid) part[tid] = xlstm::add_rn(part[tid], part[tid + w]);  \
+    total[0] = xlstm::sqrt_rn(part[0]);                                                       \
+  }                                                                                           \
+  void host_clip_by_norm_##SFX(T* g, long long n, const double* total, double max_norm) {     \
+    const T s = (T)xlstm::clip_scale(total[0], max_norm);                                     \
+    for (long long k = 0; k < n; ++k) g[k] = xlstm::mul_rn(g[k], s);                          \
+  }
+
+XLSTM_CLIP_SHIM(float, f32)
+XLSTM_CLIP_SHIM(double, f64)
+
+// softmax_xent: per row, the block's threads in order, then the kernel's trees
+#define XLSTM_XENT_SHIM(T, SFX)                                                               \
+  void host_softmax_xent_##SFX(const T* x, const long long* t, T* dx, T* nll, long long N,     \
+                               long long V, T count) {                                        \
+    T part[xlstm::XENT_THREADS];                                                              \
+    for (long long r = 0; r < N; ++r) {                                                       \
+      const T* xr = x + r * V;                                                                \
+      T* dr = dx + r * V;                                                                     \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        part[tid] = xlstm::xent_max_strided<T>(xr, V, tid);                                   \
+      for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1)                                   \
+        for (int tid = 0; tid < w; ++tid)                                                     \
+          part[tid] = part[tid + w] > part[tid] ? part[tid + w] : part[tid];                  \
+      const T mx = part[0];                                                                   \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        part[tid] = xlstm::xent_sum_strided<T>(xr, dr, V, mx, tid);                           \
+      for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1)                                   \
+        for (int tid = 0; tid < w; ++tid) part[tid] = part[tid] + part[tid + w];              \
+      const T z = part[0];                                                                    \
+      for (int tid = 0; tid < xlstm::XENT_THREADS; ++tid)                                     \
+        xlstm::xent_grad_strided<T>(dr, V, t[r], z, count, tid);                              \
+      nll[r] = xlstm::xent_nll<T>(xr, V, t[r], mx, z);                                        \
+    }                                                                                         \
+  }
+
+XLSTM_XENT_SHIM(float, f32)
+XLSTM_XENT_SHIM(double, f64)
 
 void host_f32_to_bf16(const float* x, unsigned short* y, long long n) {
   for (long long k = 0; k < n; ++k) y[k] = xlstm::f32_to_bf16_bits(x[k]);

@@ -141,6 +141,8 @@ class _HostKernel:
         if persistent:
             cargs += [grid[0], block[0], shared_mem]
         self.fake.launches.append(self.name)
+        if self.fake.counts is not None:
+            self.fake.counts.op("raw:" + self.name)
         fn = getattr(self.fake.lib, "host_" + self.name)
         # on a capturing stream the launch is recorded with the addresses it got, not run
         self.fake.submit(lambda: fn(*cargs), self.fake.current, self.name)
@@ -199,6 +201,8 @@ class _FakeStream:
     def synchronize(self):
         if self.fake.capturing is not None:
             raise RuntimeError("stream synchronize during stream capture (the device would be waited on)")
+        if self.fake.counts is not None:
+            self.fake.counts.sync("stream.synchronize")
 
 
 class _FakeGraph:
@@ -210,6 +214,8 @@ class _FakeGraph:
     def launch(self, stream=None):
         assert self.fake.capturing is None, "graph launch during capture"
         self.fake.launched.append(len(self.ops))
+        if self.fake.counts is not None:
+            self.fake.counts.op("graph")
         for _, op in self.ops:
             op()
 
@@ -225,10 +231,166 @@ _ALLOCATORS = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "on
                "array", "ascontiguousarray", "copy")
 
 
-def make_fake_cupy(lib):
+class DeviceCounts:
+    """What the code under test asked of the stand-in "device": host synchronisations and ops.
+
+    syncs: every device->host read or wait, by kind: ``asnumpy``, ``get``, ``item``, ``tolist``,
+    ``float``/``int``/``bool``/``index`` of a device array, ``stream.synchronize``.
+    ops: every device operation the code issued, by kind: ``ufunc`` (an elementwise kernel or a
+    reduction in cupy), ``gemm`` (``@``/matmul: cuBLAS), ``fn:<name>`` (a NumPy function with
+    cupy's own kernel(s): argsort, nonzero, where, ...), ``gather`` (fancy indexing), ``setitem``
+    (a copy or fill kernel), ``copy``/``astype``, ``raw:<kernel>`` and ``nvmath`` (counted by the
+    stand-in's RawKernel and nvmath gemm). Allocations are not ops. uploads: host arrays moved
+    to the device (``asarray`` of a NumPy array).
+    """
+
+    def __init__(self):
+        import collections
+        self.syncs = collections.Counter()
+        self.ops = collections.Counter()
+        self.uploads = 0
+        self.sync_sites = collections.Counter()    # (file:line of the caller) -> count, to find them
+        self.depth = 0                              # >0 inside an op: its internals are not ops
+
+    def sync(self, kind):
+        self.syncs[kind] += 1
+        f = sys._getframe(2)
+        while f is not None and ("test_cupy_backend" in f.f_code.co_filename or "numpy" in f.f_code.co_filename):
+            f = f.f_back
+        if f is not None:
+            self.sync_sites[f"{f.f_code.co_filename.rsplit('/', 2)[-2:][-1]}:{f.f_lineno}"] += 1
+
+    def op(self, kind):
+        if self.depth == 0:
+            self.ops[kind] += 1
+
+    def reset(self):
+        self.syncs.clear(), self.ops.clear(), self.sync_sites.clear()
+        self.uploads = 0
+
+    def total_syncs(self):
+        return sum(self.syncs.values())
+
+    def total_ops(self):
+        return sum(self.ops.values())
+
+
+def device_array_class(counts: DeviceCounts):
+    """An ndarray subclass standing in for cupy.ndarray: its host reads are syncs, its ops are counted.
+
+    As cupy's: a reduction or a scalar index gives a 0-d device array, not a host scalar, so
+    ``float(a.sum())`` is a read of the device (counted) here as there.
+    """
+
+    def plain(x):
+        return x.view(np.ndarray) if isinstance(x, Dev) else x
+
+    def dev(r):
+        if isinstance(r, np.generic):
+            return np.asarray(r).view(Dev)
+        if type(r) is np.ndarray:
+            return r.view(Dev)
+        if isinstance(r, tuple):
+            return tuple(dev(x) for x in r)
+        return r
+
+    def inside(kind, fn, *a, **k):
+        """fn(*a, **k) counted as one op ``kind`` (None: a view, no op); what it calls is not counted."""
+        if kind:
+            counts.op(kind)
+        counts.depth += 1
+        try:
+            return fn(*a, **k)
+        finally:
+            counts.depth -= 1
+
+    class Dev(np.ndarray):
+        # seen as cupy's by xlstm.backends.backend_of and xlstm.checks (the stand-in must then be
+        # the cupy backend: install_fakes(counting=True) arranges that)
+        __module__ = "cupy"
+
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            counts.op("gemm" if ufunc is np.matmul else "ufunc")
+            if "out" in kwargs:
+                kwargs["out"] = tuple(plain(o) for o in kwargs["out"])
+            counts.depth += 1
+            try:
+                r = getattr(ufunc, method)(*(plain(i) for i in inputs), **kwargs)
+            finally:
+                counts.depth -= 1
+            return dev(r)
+
+        def __array_function__(self, func, types_, args, kwargs):
+            name = func.__name__
+            if not name.startswith("empty"):
+                counts.op(f"fn:{name}")
+            counts.depth += 1
+            try:
+                r = func._implementation(*args, **kwargs) if hasattr(func, "_implementation") \
+                    else super().__array_function__(func, types_, args, kwargs)
+            finally:
+                counts.depth -= 1
+            return dev(r)
+
+        def __getitem__(self, idx):
+            parts = idx if isinstance(idx, tuple) else (idx,)
+            fancy = any(isinstance(i, (np.ndarray, list)) for i in parts)
+            if fancy and all(isinstance(i, np.ndarray) and i.dtype.kind in "iu" for i in parts):
+                # as cupy's: out-of-bounds integer indices wrap around instead of raising (so
+                # the read is safe until a deferred range check reports the index)
+                idx = tuple(np.mod(i.view(np.ndarray), n) for i, n in zip(parts, self.shape))
+            return dev(inside("gather" if fancy else None, super().__getitem__, idx))
+
+        def __setitem__(self, idx, value):
+            inside("setitem", super().__setitem__, idx, value)
+
+        def copy(self, *a, **k):
+            return dev(inside("copy", super().copy, *a, **k))
+
+        def astype(self, *a, **k):
+            return dev(inside("astype", super().astype, *a, **k))
+
+        # what reads the device from the host (cupy synchronises for each)
+        def get(self, *a, **k):
+            counts.sync("get")
+            return np.array(self.view(np.ndarray))
+
+        def item(self, *a):
+            counts.sync("item")
+            return self.view(np.ndarray).item(*a)
+
+        def tolist(self):
+            counts.sync("tolist")
+            return self.view(np.ndarray).tolist()
+
+        def __float__(self):
+            counts.sync("float")
+            return float(self.view(np.ndarray))
+
+        def __int__(self):
+            counts.sync("int")
+            return int(self.view(np.ndarray))
+
+        def __bool__(self):
+            counts.sync("bool")
+            return bool(self.view(np.ndarray))
+
+        def __index__(self):
+            counts.sync("index")
+            return self.view(np.ndarray).__index__()
+
+    return Dev
+
+
+def make_fake_cupy(lib, counting: bool = False):
     """A stand-in for the ``cupy`` module: NumPy arrays, host kernels, a NumPy gemm, streams
-    whose capture records the kernel launches and nvmath GEMMs with the addresses they got."""
+    whose capture records the kernel launches and nvmath GEMMs with the addresses they got.
+
+    counting: the arrays are ``device_array_class`` instances and ``fake.counts`` (a
+    DeviceCounts) records every host sync and device op of the code that uses them."""
     fake = types.SimpleNamespace()
+    fake.counts = DeviceCounts() if counting else None
+    Dev = device_array_class(fake.counts) if counting else None
     fake.lib, fake.launches, fake.modules, fake.gemms = lib, [], [], []
     fake.streams, fake.capturing, fake.captured, fake.launched = {}, None, [], []
 
@@ -252,13 +414,26 @@ def make_fake_cupy(lib):
             if name in _ALLOCATORS:
                 def alloc(*a, **k):
                     assert fake.capturing is None, f"cupy.{name} allocates during stream capture"
-                    return f(*a, **k)
+                    r = f(*a, **k)
+                    return r if Dev is None or not isinstance(r, np.ndarray) else r.view(Dev)
                 return alloc
+            if Dev is not None and name == "asarray":
+                def asarray(a, dtype=None):
+                    if not isinstance(a, Dev):
+                        fake.counts.uploads += 1     # a host array (or list) moved to the device
+                    return np.asarray(a, dtype=dtype).view(Dev)
+                return asarray
             return f
 
     mod = FakeCupy("cupy")
     mod.ndarray = np.ndarray
-    mod.asnumpy = np.array                    # a host copy, as cupy.asnumpy from a device
+    def asnumpy(a):                           # a host copy, as cupy.asnumpy from a device
+        if Dev is not None and isinstance(a, Dev):
+            fake.counts.sync("asnumpy")
+            return np.array(a.view(np.ndarray))
+        return np.array(a)
+
+    mod.asnumpy = asnumpy
     mod.RawModule = lambda **kw: _HostModule(fake, **kw)    # keyword-only, as cupy's
     mod.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: 0,
@@ -281,7 +456,10 @@ def make_fake_cupy(lib):
         for x in (a, b, out):
             assert x.ndim == 2 and (x.flags.c_contiguous or x.flags.f_contiguous)
         fake.gemms.append((a.shape, b.shape))
-        out[...] = alpha * (a @ b) + beta * out
+        if fake.counts is not None:
+            fake.counts.op("cublas")        # one call; the host arithmetic below is not device ops
+        A, B, C = (np.asarray(x).view(np.ndarray) for x in (a, b, out))
+        C[...] = alpha * (A @ B) + beta * C
         return out
 
     mod.cublas = types.SimpleNamespace(gemm=gemm)
@@ -354,6 +532,8 @@ def make_fake_nvmath(fake):
                 C[...] = al * (opA @ opB) + be * C
 
             fake.gemms.append(("nvmath", m, n, k))
+            if fake.counts is not None:
+                fake.counts.op("nvmath")
             fake.submit(run, stream, "gemm")
         return g
 
@@ -421,14 +601,24 @@ def host_lib(tmp_path_factory):
     return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_cupy")
 
 
-def install_fakes(host_lib, monkeypatch, nvmath: bool):
+def install_fakes(host_lib, monkeypatch, nvmath: bool, counting: bool = False):
     """Puts the stand-in cupy (and, with ``nvmath``, the stand-in nvmath cuBLAS binding; else
     none, so the backend uses cupy's cuBLAS and the eager loop) in sys.modules; returns the
-    stand-in's records."""
+    stand-in's records (with ``counting``: ``fake.counts``, see DeviceCounts)."""
     from xlstm.backends import cublas_gemm
 
-    fake = make_fake_cupy(host_lib)
+    fake = make_fake_cupy(host_lib, counting)
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    if counting:        # backend_of(a stand-in device array) is one CupyBackend on the stand-in
+        from xlstm import backends
+        from xlstm.backends.cupy_backend import CupyBackend
+        fake.backend = None
+
+        def cupy_backend():
+            if fake.backend is None:
+                fake.backend = CupyBackend()
+            return fake.backend
+        monkeypatch.setattr(backends, "_cupy_backend", cupy_backend)
     if not nvmath:
         monkeypatch.setitem(sys.modules, "nvmath", None)
         return fake

@@ -185,10 +185,10 @@ def test_inlined_source_is_self_contained():
     src = kernel_source()
     assert '#include "lstm_pointwise.cuh"' not in src
     assert "forward_element" in src and "lstm_backward_step_f64" in src
-    for header in ("lstm_pointwise.cuh", "precision.cuh"):       # each pasted in exactly once
+    for header in ("lstm_pointwise.cuh", "precision.cuh", "optim.cuh", "xent.cuh"):   # each pasted in once
         assert f'#include "{header}"' not in src
         assert src.count(f"// ---- begin {header} ----") == 1
-    assert src.count("namespace xlstm {") == 2      # one per header: lstm_pointwise.cuh, precision.cuh
+    assert src.count("namespace xlstm {") == 4      # one per header: lstm_pointwise, precision, optim, xent
     psrc = kernel_source(PERSISTENT_SOURCE)
     assert '#include "lstm_persistent.cuh"' not in psrc and '#include "lstm_pointwise.cuh"' not in psrc
     assert "persistent_forward_partial" in psrc and "forward_element" in psrc

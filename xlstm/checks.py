@@ -7,9 +7,15 @@ and what came in, so no input is ever computed on silently wrong.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import InputError
+
+# Checks of device (cupy) arrays queued by ``deferred()``: (backend, 0-d bool "ok" on the device,
+# message or a function giving it). None: every check reads its flag at once.
+_pending: list | None = None
 
 
 def _is_cupy(a) -> bool:
@@ -60,6 +66,70 @@ def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,
             want = tuple("*" if s is None else s for s in shape)
             raise InputError(f"{name} has shape {tuple(a.shape)}, expected {want} {dims}".rstrip())
     a = backend.asarray(a)
-    if finite and a.dtype.kind == "f" and a.size and not bool(backend.xp.isfinite(a).all()):
-        raise InputError(f"{name} contains NaN or Inf; clean the data (or check the previous layer) first")
+    if finite and a.dtype.kind == "f" and a.size:
+        require(backend, backend.xp.isfinite(a).all(),
+                f"{name} contains NaN or Inf; clean the data (or check the previous layer) first")
     return a
+
+
+def require(backend, ok, message) -> None:
+    """Raise InputError(message) unless ``ok`` (a bool, or a 0-d bool array of ``backend``).
+
+    A device array's flag is not read here while ``deferred()`` is active: it is queued and read,
+    with all the others in one transfer, by ``flush()``, so a training step does not wait for
+    the device to validate its inputs. ``message``: a string, or a function returning one
+    (called only on failure, so it may read device values).
+    """
+    if _pending is not None and _is_cupy(ok):
+        _pending.append((backend, ok, message))
+        return
+    if not bool(ok):
+        raise InputError(message() if callable(message) else message)
+
+
+def check_range(backend, a, name: str, lo: int, hi: int, what: str) -> None:
+    """Raise unless every value of the integer array ``a`` lies in [lo, hi); ``what`` names hi.
+
+    A host array is checked on the host (free); a device array through ``require``.
+    """
+    if not a.size:
+        return
+    msg = lambda: (f"{name} must lie in [{lo}, {hi}) ({what}), "  # noqa: E731
+                   f"got values in [{int(a.min())}, {int(a.max())}]")
+    if not _is_cupy(a):
+        if a.min() < lo or a.max() >= hi:
+            raise InputError(msg())
+        return
+    require(backend, (a.min() >= lo) & (a.max() < hi), msg)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Within: device-array checks queue their flags (see ``require``); ``flush()`` reads them.
+
+    Leaving the block normally flushes. Nested blocks share the outer queue.
+    """
+    global _pending
+    outer = _pending
+    if outer is None:
+        _pending = []
+    try:
+        yield
+        if outer is None:
+            flush()
+    finally:
+        if outer is None:
+            _pending = None
+
+
+def flush() -> None:
+    """Read every queued check (one device->host transfer per backend) and raise the first failure."""
+    if not _pending:
+        return
+    queued = list(_pending)
+    _pending.clear()
+    backend = queued[0][0]
+    ok = backend.to_numpy(backend.xp.stack([f for _, f, _ in queued]))
+    for (_, _, message), good in zip(queued, ok):
+        if not good:
+            raise InputError(message() if callable(message) else message)

@@ -168,11 +168,13 @@ class FlatGrads:
     views stay the arrays it writes, and one all-reduce per buffer covers every parameter.
     """
 
+    what = "grads"
+
     def __init__(self, model):
         modules = list(model.modules) if hasattr(model, "modules") else [model]
         groups: dict = {}
         for m in modules:
-            for k, g in m.grads.items():
+            for k, g in getattr(m, self.what).items():
                 groups.setdefault(g.dtype.str, []).append((m, k, g))
         self.buffers, self._views = [], []
         for items in groups.values():
@@ -180,8 +182,8 @@ class FlatGrads:
             off = 0
             for m, k, g in items:
                 view = flat[off:off + g.size].reshape(g.shape)
-                view[...] = g            # start from the current gradients
-                m.grads[k] = view
+                view[...] = g            # start from the current values
+                getattr(m, self.what)[k] = view
                 self._views.append((m, k, view))
                 off += g.size
             self.buffers.append(flat)
@@ -189,9 +191,18 @@ class FlatGrads:
     def check(self) -> None:
         """Raise when a module replaced a gradient array: the all-reduce would miss its gradient."""
         for m, k, view in self._views:
-            if m.grads.get(k) is not view:
+            if getattr(m, self.what).get(k) is not view:
                 raise StateError(f"{type(m).__name__}.grads[{k!r}] is no longer the array it was: data-parallel "
                                  "training needs backward to accumulate into the gradients in place")
+
+
+class FlatParams(FlatGrads):
+    """Every parameter made a view of one flat buffer per dtype (model order), so that Adam
+    updates them all in one pass (``optim.Adam``; one kernel launch on CuPy). Optimisers and
+    ``load_state_dict`` write parameters in place, so the views stay; ``module.to`` replaces
+    them, and Adam then updates tensor by tensor."""
+
+    what = "params"
 
 
 class Single:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .checks import as_array
+from .checks import as_array, check_range
 from .errors import InputError, StateError
 from .module import Module
 
@@ -165,15 +165,12 @@ class Embedding(Module):
 
     def forward(self, ids):
         """ids int [...] -> y [..., dim]."""
+        host = ids if isinstance(ids, np.ndarray) else None     # ranges of host ids: checked before upload
         ids = as_array(self.backend, ids, "ids", dims="(integer token ids)")
         if ids.dtype.kind not in "iu":
             raise InputError(f"ids must be an integer array, got dtype {ids.dtype}; "
                              f"convert token ids with .astype('int64')")
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise InputError(f"ids must lie in [0, {self.num_embeddings}) (num_embeddings), "
-                                 f"got values in [{lo}, {hi}]")
+        check_range(self.backend, ids if host is None else host, "ids", 0, self.num_embeddings, "num_embeddings")
         self._ids = ids
         return self.params["E"][ids]
 

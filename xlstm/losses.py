@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .checks import as_array
+from .checks import as_array, check_range
 from .errors import InputError, StateError
 
 
@@ -51,25 +51,27 @@ def log_softmax(logits, axis: int = -1):
     return s
 
 
-def cross_entropy(logits, targets, mask=None):
+def cross_entropy(logits, targets, mask=None, on_device: bool = False):
     """Mean softmax cross-entropy and its gradient.
 
     logits [..., V] float; targets [...] integers in [0, V); mask [...] of 0/1 or bool (None: all 1).
     Returns (loss, dlogits): loss = sum(mask * -log_softmax(logits)[target]) / sum(mask), a float;
     dlogits [..., V] = (softmax(logits) - onehot(targets)) * mask / sum(mask).
+    on_device: the loss stays a 0-d float64 array of the logits' backend (the same value, bit
+    for bit), so nothing waits for the device; read it with float() when needed (without a mask).
+    On CuPy, without a mask, one kernel computes nll and dlogits (``softmax_cross_entropy``,
+    kernels/xent.cuh): the same equations, its sums in a fixed order.
     """
     backend, x = _logits(logits)
     xp = backend.xp
     V = x.shape[-1]
     lead = tuple(x.shape[:-1])
+    host = targets if isinstance(targets, np.ndarray) else None     # host targets: range checked there
     t = as_array(backend, targets, "targets", shape=lead, dims=f"(logits.shape[:-1] = {lead})")
     if t.dtype.kind not in "iu":
         raise InputError(f"targets must be an integer array of class ids, got dtype {t.dtype}")
-    if t.size:
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= V:
-            raise InputError(f"targets must lie in [0, {V}) (the number of classes, logits.shape[-1]), "
-                             f"got values in [{lo}, {hi}]")
+    check_range(backend, t if host is None else host, "targets", 0, V,
+                "the number of classes, logits.shape[-1]")
     if mask is None:
         m = None
         count = int(np.prod(lead, dtype=np.int64))
@@ -88,6 +90,12 @@ def cross_entropy(logits, targets, mask=None):
 
     x2 = x.reshape(-1, V)
     t2 = t.reshape(-1)
+    fused = getattr(backend, "softmax_cross_entropy", None)
+    if fused is not None and m is None and x2.flags.c_contiguous and x2.dtype.name in ("float32", "float64"):
+        # CuPy: the lines below as one kernel (its sums in a fixed order; exp/log the device's)
+        nll, e = fused(x2, t2, count)
+        loss = nll.sum().astype(np.float64) / count if on_device else float(nll.sum()) / count
+        return loss, e.reshape(x.shape)
     rows = xp.arange(x2.shape[0])
     s = _shifted(x2, -1)
     e = xp.exp(s)
@@ -96,7 +104,8 @@ def cross_entropy(logits, targets, mask=None):
     e /= z[:, None]                             # e is now the softmax
     e[rows, t2] -= 1.0                          # one target per row, so no index repeats
     if m is None:
-        loss = float(nll.sum()) / count
+        # float64 of the sum, then / count in float64: what float(...) / count computes on the host
+        loss = nll.sum().astype(np.float64) / count if on_device else float(nll.sum()) / count
         e /= count
     else:
         m2 = m.reshape(-1)

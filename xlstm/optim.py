@@ -87,9 +87,11 @@ class Optimizer:
         return buf
 
     def zero_grad(self) -> None:
-        """Set every gradient to zero, in place."""
-        for g in self._get()[1].values():
-            g[...] = 0
+        """Set every gradient to zero, in place (one fill of the flat buffer where they are views of one)."""
+        grads = list(self._get()[1].values())
+        if grads:
+            for g in _flat_or(grads):
+                g[...] = 0
 
     def step(self) -> None:
         self.step_count += 1
@@ -201,13 +203,83 @@ class Adam(Optimizer):
         self.weight_decay = _check_float(weight_decay, "weight_decay", 0.0)
         self.decoupled = bool(decoupled)
 
+    def step(self) -> None:
+        """One update of every parameter: over the flat gradient buffer where there is one."""
+        self.step_count += 1
+        pairs = list(self._pairs())
+        if not self._flat_step(pairs):
+            for name, p, g in pairs:
+                self._update(name, p, g)
+
+    def _flat_step(self, pairs) -> bool:
+        """The update as one pass of each operation over flat buffers; False where it cannot.
+
+        Needs the gradients to be consecutive views of one flat buffer (``distributed.FlatGrads``)
+        and no coupled weight decay (that stays on the per-tensor path). The moments become views
+        of flat buffers too (``state`` keeps per-name views of them). Where the parameters are
+        flat as well (``distributed.FlatParams``) the subtraction is one pass too, and a backend
+        with a fused ``adam_step`` (CuPy) does all of it in one kernel launch. Every operation is
+        elementwise and in ``_moments``' order, so each element gets the very operations of the
+        per-tensor update: the results are equal bit for bit.
+        """
+        if not pairs or (self.weight_decay and not self.decoupled):
+            return False
+        grads = [g for _, _, g in pairs]
+        xp = backends.backend_of(grads[0]).xp
+        G = _flat_or(grads)[0]
+        if G.ndim != 1 or G.size != sum(int(g.size) for g in grads):
+            return False
+        names = [k for k, _, _ in pairs]
+        M, V = self._flat_moments(names, pairs, G)
+        P = _flat_or([p for _, p, _ in pairs])[0]
+        whole = P.ndim == 1 and P.size == G.size and P.dtype == G.dtype      # parameters flat too
+        decay = 1.0 - self.lr * self.weight_decay
+        fused = getattr(backends.backend_of(G), "adam_step", None)
+        if whole and fused is not None:          # CuPy: the whole update in one kernel
+            b1, b2 = self.betas
+            t = self.step_count
+            fused(P, G, M, V, decay if self.weight_decay else 1.0, b1, 1.0 - b1, b2, 1.0 - b2,
+                  math.sqrt(1.0 - b2 ** t), self.eps, self.lr / (1.0 - b1 ** t))
+            return True
+        if self.weight_decay:
+            for p in [P] if whole else [p for _, p, _ in pairs]:
+                p *= decay
+        d = self._moments(xp, M, V, G)
+        if whole:
+            P -= d
+            return True
+        off = 0
+        for _, p, _ in pairs:
+            p -= d[off:off + p.size].reshape(p.shape)
+            off += p.size
+        return True
+
+    def _flat_moments(self, names, pairs, G):
+        """Flat exp_avg / exp_avg_sq buffers like G; made (from the per-name state) when the
+        state is not their views (first step, load_state_dict, a move to another backend)."""
+        flat = getattr(self, "_flat", None)
+        if flat is not None and flat[0] == names and type(flat[1]) is type(G) and all(
+                self.state.get(k, {}).get("exp_avg") is mv and self.state[k].get("exp_avg_sq") is vv
+                for k, mv, vv in zip(names, flat[3], flat[4])):
+            return flat[1], flat[2]
+        xp = backends.backend_of(G).xp
+        M, V = xp.empty_like(G), xp.empty_like(G)       # 1-D, as G
+        mviews, vviews, off = [], [], 0
+        for name, p, _ in pairs:
+            old_m, old_v = self._buffer(name, "exp_avg", p), self._buffer(name, "exp_avg_sq", p)
+            mv, vv = M[off:off + p.size].reshape(p.shape), V[off:off + p.size].reshape(p.shape)
+            mv[...], vv[...] = old_m, old_v
+            self.state[name] = {"exp_avg": mv, "exp_avg_sq": vv}
+            mviews.append(mv)
+            vviews.append(vv)
+            off += p.size
+        self._flat = (names, M, V, mviews, vviews)
+        return M, V
+
     def _update(self, name, p, g):
         xp = backends.backend_of(p).xp
-        b1, b2 = self.betas
-        t = self.step_count
         m = self._buffer(name, "exp_avg", p)
         v = self._buffer(name, "exp_avg_sq", p)
-        d = self._tmp(p, 0)
         if self.weight_decay and self.decoupled:
             p *= 1.0 - self.lr * self.weight_decay
         elif self.weight_decay:
@@ -215,6 +287,13 @@ class Adam(Optimizer):
             xp.multiply(p, self.weight_decay, out=gd)
             gd += g
             g = gd
+        p -= self._moments(xp, m, v, g)
+
+    def _moments(self, xp, m, v, g):
+        """m, v updated in place; returns the step d (a scratch array like g) with p -= d."""
+        b1, b2 = self.betas       # the order of operations is adam_at's (kernels/optim.cuh)
+        t = self.step_count
+        d = self._tmp(g, 0)
         m *= b1
         xp.multiply(g, 1.0 - b1, out=d)
         m += d
@@ -227,7 +306,7 @@ class Adam(Optimizer):
         d += self.eps
         xp.divide(m, d, out=d)
         d *= self.lr / (1.0 - b1 ** t)
-        p -= d
+        return d
 
 
 def _grads_of(grads_dict_or_module):
@@ -242,27 +321,68 @@ def _grads_of(grads_dict_or_module):
                      f"got {type(grads_dict_or_module).__name__}")
 
 
-def clip_grad_norm(grads_dict_or_module, max_norm) -> float:
+def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
     total = sqrt(sum over arrays of sum(g^2)); if total > max_norm: g *= max_norm / total.
     Returns ``total`` (before clipping). A non-finite total leaves the gradients unchanged
     (so the caller can see it and skip the step). Unlike torch there is no +1e-6 in the
     denominator, so the clipped norm is max_norm exactly (up to rounding).
+
+    on_device: nothing is read back: the total stays a 0-d float64 array of the gradients'
+    backend (returned), and every gradient is multiplied by
+    scale = max_norm / total where finite(total) and total > max_norm, else 1,
+    rounded to the gradients' dtype first, as the host path rounds its Python float; a
+    multiplication by 1 changes no bit, so both paths give the same gradients bit for bit.
+    On CuPy, where the gradients are views of one flat buffer (``distributed.FlatGrads``), it is
+    two kernel launches instead (``clip_by_global_norm``: the sum of squares in float64, in a
+    fixed order), so there the norm differs from NumPy's float32 partial sums in the last bits.
     """
     max_norm = _check_float(max_norm, "max_norm", 0.0, lo_open=True)
     grads = _grads_of(grads_dict_or_module)
     if not grads:
         return 0.0
-    xp = backends.backend_of(grads[0]).xp
-    # partial sums stay on the device; one transfer for the total
+    backend = backends.backend_of(grads[0])
+    xp = backend.xp
+    fused = getattr(backend, "clip_by_global_norm", None) if on_device else None
+    flat = _flat_or(grads)
+    if fused is not None and len(flat) == 1 and flat[0].ndim == 1:
+        return fused(flat[0], max_norm)
+    # per-array partial sums, added in the model's order (a flat-buffer sum would round differently)
     sq = sum(xp.vdot(g.reshape(-1), g.reshape(-1)) for g in grads)
+    if on_device:
+        total = xp.sqrt(xp.asarray(sq, dtype=np.float64))       # float64 sqrt, as math.sqrt
+        clip = xp.isfinite(total) & (total > max_norm)
+        scale = xp.where(clip, max_norm / xp.where(clip, total, 1.0), 1.0)
+        for g in flat:
+            g *= scale.astype(g.dtype)
+        return total
     total = math.sqrt(float(sq))
     if math.isfinite(total) and total > max_norm:
         scale = max_norm / total
         for g in grads:
             g *= scale
     return total
+
+
+def _flat_or(arrays):
+    """``[flat]`` where the arrays are, in order, consecutive views filling one flat buffer
+    (``distributed.FlatGrads``): a scale is then one launch instead of one per array."""
+    base = getattr(arrays[0], "base", None)
+    if base is None or base.ndim != 1:
+        return arrays
+    off, itemsize = 0, arrays[0].dtype.itemsize
+    for a in arrays:
+        if a.base is not base or not a.flags.c_contiguous or a.dtype != base.dtype:
+            return arrays
+        if _addr(a) != _addr(base) + off * itemsize:
+            return arrays
+        off += a.size
+    return [base] if off == base.size else arrays
+
+
+def _addr(a):
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def lr_schedule(step: int, base_lr: float, warmup: int, total: int, kind: str = "cosine",

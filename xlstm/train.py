@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import backends, checkpoint, data, distributed
+from . import backends, checkpoint, checks, data, distributed
 from .errors import InputError, XlstmError
 
 # Defaults of the README's main job: measured on a 2-core CPU to finish in under 3 minutes
@@ -259,11 +259,12 @@ def eval_sums(model, streams: np.ndarray, seq_len: int) -> tuple[float, int]:
         y = np.ascontiguousarray(streams[:, p + 1:p + 1 + x.shape[0]].T)
         logits = model.forward(x, state=state)
         state = model.last_state
-        loss, _ = cross_entropy(logits, y)
-        total += loss * y.size
+        # summed on the device in float64, as the host would, and read once at the end
+        loss, _ = cross_entropy(logits, y, on_device=True)
+        total = total + loss * y.size
         count += y.size
     model.train(was_training)
-    return total, count
+    return (read_floats(model.backend, [total])[0] if count else 0.0), count
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -451,6 +452,41 @@ def _resume_hint(run_dir) -> str:
             f"xlstm train --resume {run_dir} (on any number of processes)")
 
 
+def train_step(model, opt, x, y, carry, clip: float, group=None, batch=None):
+    """One optimiser step of the language model: (loss, grad norm before clipping, carried state).
+
+    x, y [T, B] token ids (this process's streams, on the host); carry: the LSTM state from the
+    last window or None. zero_grad -> forward -> cross-entropy -> backward -> all-reduce -> clip
+    -> Adam (opt.lr set by the caller). batch: the global batch (masks of a distributed run).
+    Nothing here waits for the device: loss (this process's mean) and norm are 0-d float64
+    arrays of the model's backend, and checks of device inputs are queued where
+    ``checks.deferred()`` is active; ``read_floats`` reads them at the next log interval.
+    """
+    from .losses import cross_entropy
+    from .optim import clip_grad_norm
+
+    group = group or distributed.Single()
+    lstm = lstm_of(model)
+    opt.zero_grad()                 # the model's gradients: one fill where they are flat
+    masks = group.draw_masks(lstm, x.shape[0], batch or x.shape[1])
+    logits = model.forward(x, state=carry, **({} if masks is None else {"masks": masks}))
+    carry = model.last_state
+    loss, dlogits = cross_entropy(logits, y, on_device=True)
+    model.backward(dlogits)
+    group.allreduce_grads()     # before clipping: every process clips and steps the same gradient
+    norm = clip_grad_norm(model, clip, on_device=True)
+    opt.step()
+    return loss, norm, carry
+
+
+def read_floats(backend, values) -> list[float]:
+    """0-d arrays of ``backend`` as Python floats, in one device->host transfer."""
+    if not values:
+        return []
+    xp = backend.xp
+    return [float(v) for v in backend.to_numpy(xp.stack([xp.asarray(v, dtype=np.float64) for v in values]))]
+
+
 def _run(args, t_start, backend, group) -> int:
     given = _given(args)
     if args.threads < 0:
@@ -506,8 +542,7 @@ def _run(args, t_start, backend, group) -> int:
     total = cfg["steps"] if cfg["steps"] is not None else max(1, math.ceil(cfg["epochs"] * stream.windows_per_epoch))
     warmup = min(cfg["warmup"], total // 10)     # a short run must not spend itself warming up
 
-    from .losses import cross_entropy
-    from .optim import Adam, clip_grad_norm, lr_schedule
+    from .optim import Adam, lr_schedule
 
     model = build_model(cfg, len(vocab), backend)
     lstm = lstm_of(model)
@@ -535,6 +570,10 @@ def _run(args, t_start, backend, group) -> int:
             carry = tuple(backend.asarray(np.ascontiguousarray(arrays[k][:, mine])) for k in ("carry/h", "carry/c"))
         step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
         last_val = meta.get("val_loss")
+    # every parameter and gradient a view of one flat buffer: clipping scales it in one pass and
+    # Adam updates all at once (a distributed group re-flattens the gradients for its all-reduce)
+    distributed.FlatParams(model)
+    distributed.FlatGrads(model)
     group.attach(model)
     if group.main:
         os.makedirs(run_dir, exist_ok=True)
@@ -595,47 +634,59 @@ def _run(args, t_start, backend, group) -> int:
     bar = _bar(total, step, args.progress and group.main)
     t_loop = time.time()
     ema, rate, interrupted = None, None, False
-    with _CtrlC(lambda s: group.main and bar.write(s)) as ctrl_c:
+    # (step, loss, grad norm, lr) of the steps not yet read: on a GPU the device runs ahead of
+    # Python until the next log, validation or checkpoint reads them, all in one transfer
+    pending, t_read = [], time.perf_counter()
+
+    def read_pending():
+        nonlocal ema, rate, t_read
+        if not pending:
+            return
+        checks.flush()          # the deferred input checks raise here, naming the input
+        vals = read_floats(backend, [p[1] for p in pending] + [p[2] for p in pending])
+        n = len(pending)
+        losses = [v / group.world for v in group.sum(vals[:n])]   # equal shares: the mean over all B*T tokens
+        now = time.perf_counter()
+        r = tokens_per_step * n / max(now - t_read, 1e-9)
+        rate, t_read = (r if rate is None else 0.9 * rate + 0.1 * r), now
+        for (s, _, _, lr), loss, norm in zip(pending, losses, vals[n:]):
+            if not math.isfinite(loss):
+                bar.close()
+                raise XlstmError(f"the training loss became {loss} at step {s}; lower --lr "
+                                 f"(now {cfg['lr']}) or --clip; the checkpoints in {run_dir} are from before")
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            if s % cfg["log_every"] == 0 or s == total:
+                metrics.append({"split": "train", "step": s, "loss": loss, "lr": lr, "grad_norm": norm,
+                                "tokens_per_s": round(rate, 1), "elapsed_s": round(elapsed0 + time.time() - t_loop, 3)})
+        pending.clear()
+        bar.set_postfix_str(f"loss {ema:.3f}, {rate:,.0f} tok/s", refresh=False)
+
+    with _CtrlC(lambda s: group.main and bar.write(s)) as ctrl_c, checks.deferred():
         while step < total:
-            t0 = time.perf_counter()
             x, y, reset = stream.next()
             if reset:
                 carry = None        # a new epoch starts from zeros, deterministically
             x, y = np.ascontiguousarray(x[:, mine]), np.ascontiguousarray(y[:, mine])
-            model.zero_grad()
-            masks = group.draw_masks(lstm, x.shape[0], cfg["batch"])
-            logits = model.forward(x, state=carry, **({} if masks is None else {"masks": masks}))
-            carry = model.last_state
-            loss, dlogits = cross_entropy(logits, y)
-            loss = group.sum([loss])[0] / group.world      # equal shares: the mean over all B*T tokens
-            if not math.isfinite(loss):
-                bar.close()
-                raise XlstmError(f"the training loss became {loss} at step {step + 1}; lower --lr "
-                                 f"(now {cfg['lr']}) or --clip; the checkpoints in {run_dir} are from before")
-            model.backward(dlogits)
-            group.allreduce_grads()     # before clipping: every process clips and steps the same gradient
-            norm = clip_grad_norm(model, cfg["clip"])
             opt.lr = lr_schedule(step, cfg["lr"], warmup, total, cfg["schedule"])
-            opt.step()
+            loss, norm, carry = train_step(model, opt, x, y, carry, cfg["clip"], group, cfg["batch"])
             step += 1
-            backend.synchronize()
-            dt = time.perf_counter() - t0
-            rate = tokens_per_step / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_step / dt
-            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-            bar.set_postfix_str(f"loss {ema:.3f}, {rate:,.0f} tok/s", refresh=False)
+            pending.append((step, loss, norm, opt.lr))
             bar.update(1)
-            if step % cfg["log_every"] == 0 or step == total:
-                metrics.append({"split": "train", "step": step, "loss": loss, "lr": opt.lr, "grad_norm": norm,
-                                "tokens_per_s": round(rate, 1), "elapsed_s": round(elapsed0 + time.time() - t_loop, 3)})
-            if step % cfg["eval_every"] == 0 or step == total:
-                validate()
             if args.stop_after is not None and step >= args.stop_after and step < total:
                 ctrl_c.requested = True
-            if group.any(ctrl_c.requested):        # all processes stop after the same step
+            stop = group.any(ctrl_c.requested)        # all processes stop after the same step
+            if (step % cfg["log_every"] == 0 or step % cfg["eval_every"] == 0 or step == total or stop
+                    or step % cfg["save_every"] == 0):
+                read_pending()      # before anything is validated or saved
+            if step % cfg["eval_every"] == 0 or step == total:
+                validate()
+                checks.flush()
+            if stop:
                 interrupted = True
                 break
             if step % cfg["save_every"] == 0 and step < total:
                 save()
+        read_pending()
         path = save()
     bar.close()
     secs = time.time() - t_start

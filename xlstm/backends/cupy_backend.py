@@ -424,6 +424,57 @@ class CupyBackend(Backend):
         # column sums over the rows, in row order: deterministic, unlike atomics
         self._kernel("ln_accumulate", dt)((self._grid(10 * H),), (self.BLOCK,), acc)
 
+    # -- the optimiser ------------------------------------------------------------------------
+    def adam_step(self, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step) -> None:
+        """One Adam/AdamW update of the flat buffers p, g, m, v [n] in one launch.
+
+        p = p*decay; m = m*b1 + g*c1; v = v*b2 + g*g*c2; p -= m / (sqrt(v)/bc2 + eps) * step,
+        each operation rounded as NumPy's passes over the same buffers (kernels/optim.cuh).
+        """
+        dt = getattr(p, "dtype", None)
+        n = int(p.size)
+        a, T = self._arg, np.dtype(dt).type
+        args = (a("p", p, (n,), dt), a("g", g, (n,), dt), a("m", m, (n,), dt), a("v", v, (n,), dt),
+                *(T(x) for x in (decay, b1, c1, b2, c2, bc2, eps, step)), np.int64(n))
+        self._kernel("adam_step", dt)((self._grid(n),), (self.BLOCK,), args)
+
+    NORM_THREADS = 256     # the one block of grad_norm (xlstm::NORM_THREADS in optim.cuh)
+
+    def clip_by_global_norm(self, g, max_norm):
+        """Global-norm clipping of the flat gradient buffer g [n] in two launches, no host read.
+
+        total = sqrt(sum g^2) summed in float64 in a fixed order (one block, then a tree);
+        g *= max_norm / total where total is finite and > max_norm. Returns total, a 0-d float64
+        device array (read at the log interval).
+        """
+        dt = getattr(g, "dtype", None)
+        n = int(g.size)
+        g = self._arg("g", g, (n,), dt)
+        total = self.xp.empty((), np.float64)
+        self._kernel("grad_norm", dt)((1,), (self.NORM_THREADS,), (g, np.int64(n), total))
+        self._kernel("clip_by_norm", dt)((self._grid(n),), (self.BLOCK,),
+                                         (g, np.int64(n), total, np.float64(max_norm)))
+        return total
+
+    XENT_THREADS = 256     # threads per row of softmax_xent (xlstm::XENT_THREADS in xent.cuh)
+
+    def softmax_cross_entropy(self, x, t, count):
+        """(nll [N], dx [N,V]) of logits x [N,V] and targets t [N] in one launch (kernels/xent.cuh).
+
+        nll = -log softmax(x)[t] per row; dx = (softmax(x) - onehot(t)) / count.
+        """
+        dt = getattr(x, "dtype", None)
+        N, V = x.shape
+        if t.dtype != np.int64:
+            t = t.astype(np.int64)
+        a = self._arg
+        dx, nll = self.xp.empty((N, V), dt), self.xp.empty((N,), dt)
+        args = (a("logits", x, (N, V), dt), a("targets", t, (N,), np.int64), dx, nll,
+                np.int64(N), np.int64(V), np.dtype(dt).type(count))
+        self._kernel("softmax_xent", dt)((max(1, min(N, self._grid(N * self.XENT_THREADS))),),
+                                         (self.XENT_THREADS,), args)
+        return nll, dx
+
     # -- GEMM -------------------------------------------------------------------------------
     def _gemm(self):
         """This device's ``CublasGemm``, or None where nvmath-python is missing (said once)."""

@@ -2,7 +2,10 @@
 
 ``lstm_pointwise.cuh`` holds the pointwise math as ``__host__ __device__`` functions (also
 compiled by g++ for the host checks); ``lstm_kernels.cu`` holds the per-step ``extern "C"``
-kernels. ``lstm_persistent.cuh`` / ``lstm_persistent.cu`` hold the persistent kernels (all T
+kernels, ``optim.cuh`` the Adam update of one element (the kernel ``adam_step``) and the
+fixed-order norm of global-norm clipping (``grad_norm``, ``clip_by_norm``), ``xent.cuh`` one
+row of softmax cross-entropy (``softmax_xent``).
+``lstm_persistent.cuh`` / ``lstm_persistent.cu`` hold the persistent kernels (all T
 steps in one cooperative launch), a module of their own because it is launched cooperatively.
 This module only reads them; it imports nothing from CUDA, so it works on any machine.
 """
@@ -53,7 +56,8 @@ def kernel_source(name: str = MAIN_SOURCE) -> str:
 # Kernel entry points per source and dtype suffix; the tests check that each one compiles.
 KERNEL_NAMES = {
     MAIN_SOURCE: ("lstm_forward_step", "lstm_backward_step",
-                  "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate"),
+                  "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate", "adam_step",
+                  "grad_norm", "clip_by_norm", "softmax_xent"),
     PERSISTENT_SOURCE: ("lstm_persistent_forward", "lstm_persistent_backward"),
 }
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}

@@ -14,6 +14,8 @@
 // uniform across the grid and costs nothing measurable next to the memory traffic.
 #include "lstm_pointwise.cuh"
 #include "precision.cuh"
+#include "optim.cuh"
+#include "xent.cuh"
 
 namespace {
 
@@ -282,4 +284,145 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, unsigned sho
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
     y[k] = xlstm::f32_to_bf16_bits(x[k]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// adam_step_{f32,f64}: one Adam/AdamW step of every parameter at once (a multi-tensor update):
+// the parameters, gradients and both moments are flat buffers of n elements in the same order
+// (xlstm/optim.py: Adam over distributed.FlatGrads views). Math and rounding: optim.cuh.
+//
+//   p      [n]  in/out: parameters.        g  [n]  gradients (after clipping).
+//   m      [n]  in/out: first moment.      v  [n]  in/out: second moment.
+//   decay       1 - lr*wd (AdamW; 1 without weight decay).
+//   b1, c1      beta1 and 1 - beta1.       b2, c2   beta2 and 1 - beta2.
+//   bc2         sqrt(1 - beta2^t).         eps      Adam's epsilon.
+//   step        lr / (1 - beta1^t).        n        number of elements.
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void adam_step_impl(T* p, const T* g, T* m, T* v, T decay, T b1, T c1,
+                                               T b2, T c2, T bc2, T eps, T step, long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
+    xlstm::adam_at<T>(k, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step);
+}
+}  // namespace
+
+extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, float decay,
+                                         float b1, float c1, float b2, float c2, float bc2,
+                                         float eps, float step, long long n) {
+  adam_step_impl<float>(p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step, n);
+}
+
+extern "C" __global__ void adam_step_f64(double* p, const double* g, double* m, double* v,
+                                         double decay, double b1, double c1, double b2, double c2,
+                                         double bc2, double eps, double step, long long n) {
+  adam_step_impl<double>(p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_norm_{f32,f64}: total = sqrt(sum of g^2) over the flat gradient buffer, in double, in a
+// fixed order (optim.cuh). Launch: ONE block of xlstm::NORM_THREADS (256) threads.
+//
+//   g      [n]  gradients.            n       number of elements.
+//   total  [1]  out: the global L2 norm (double), read by clip_by_norm and, later, the log.
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void grad_norm_impl(const T* g, long long n, double* total) {
+  __shared__ double part[xlstm::NORM_THREADS];
+  const int tid = threadIdx.x;
+  part[tid] = xlstm::sumsq_strided<T>(g, n, tid);
+  __syncthreads();
+  for (int w = xlstm::NORM_THREADS / 2; w > 0; w >>= 1) {
+    if (tid < w) part[tid] = xlstm::add_rn(part[tid], part[tid + w]);
+    __syncthreads();
+  }
+  if (tid == 0) total[0] = xlstm::sqrt_rn(part[0]);
+}
+
+template <typename T>
+__device__ __forceinline__ void clip_by_norm_impl(T* g, long long n, const double* total,
+                                                  double max_norm) {
+  const T s = (T)xlstm::clip_scale(total[0], max_norm);
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride)
+    g[k] = xlstm::mul_rn(g[k], s);
+}
+}  // namespace
+
+extern "C" __global__ void grad_norm_f32(const float* g, long long n, double* total) {
+  grad_norm_impl<float>(g, n, total);
+}
+
+extern "C" __global__ void grad_norm_f64(const double* g, long long n, double* total) {
+  grad_norm_impl<double>(g, n, total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// clip_by_norm_{f32,f64}: g *= clip_scale(total, max_norm) rounded to T (optim.cuh), so the
+// clipped norm is max_norm; a norm at most max_norm, NaN or infinite leaves g unchanged.
+//
+//   g         [n]  in/out: gradients.      n  number of elements.
+//   total     [1]  the norm from grad_norm (double, on the device: no host read).
+//   max_norm       the clipping threshold.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void clip_by_norm_f32(float* g, long long n, const double* total,
+                                            double max_norm) {
+  clip_by_norm_impl<float>(g, n, total, max_norm);
+}
+
+extern "C" __global__ void clip_by_norm_f64(double* g, long long n, const double* total,
+                                            double max_norm) {
+  clip_by_norm_impl<double>(g, n, total, max_norm);
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax_xent_{f32,f64}: softmax cross-entropy and its gradient, one block of
+// xlstm::XENT_THREADS (256) threads per row (grid-stride over rows). Math: xent.cuh.
+//
+//   x      [N,V]  logits (C-contiguous).       t    [N]  target class ids (int64).
+//   dx     [N,V]  out: (softmax(x) - onehot(t)) / count.
+//   nll    [N]    out: -log softmax(x)[t] per row (the loss is their sum / count).
+//   N, V          rows and classes.            count     the mean's divisor (N without a mask).
+// ---------------------------------------------------------------------------------------------
+namespace {
+template <typename T>
+__device__ __forceinline__ void softmax_xent_impl(const T* x, const long long* t, T* dx, T* nll,
+                                                  long long N, long long V, T count) {
+  __shared__ T part[xlstm::XENT_THREADS];
+  const int tid = threadIdx.x;
+  for (long long r = blockIdx.x; r < N; r += gridDim.x) {
+    const T* xr = x + r * V;
+    T* dr = dx + r * V;
+    part[tid] = xlstm::xent_max_strided<T>(xr, V, tid);
+    __syncthreads();
+    for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1) {
+      if (tid < w) part[tid] = part[tid + w] > part[tid] ? part[tid + w] : part[tid];
+      __syncthreads();
+    }
+    const T mx = part[0];
+    __syncthreads();
+    part[tid] = xlstm::xent_sum_strided<T>(xr, dr, V, mx, tid);
+    __syncthreads();
+    for (int w = xlstm::XENT_THREADS / 2; w > 0; w >>= 1) {
+      if (tid < w) part[tid] = part[tid] + part[tid + w];
+      __syncthreads();
+    }
+    const T z = part[0];
+    xlstm::xent_grad_strided<T>(dr, V, t[r], z, count, tid);
+    if (tid == 0) nll[r] = xlstm::xent_nll<T>(xr, V, t[r], mx, z);
+    __syncthreads();    // part is reused by the next row
+  }
+}
+}  // namespace
+
+extern "C" __global__ void softmax_xent_f32(const float* x, const long long* t, float* dx,
+                                            float* nll, long long N, long long V, float count) {
+  softmax_xent_impl<float>(x, t, dx, nll, N, V, count);
+}
+
+extern "C" __global__ void softmax_xent_f64(const double* x, const long long* t, double* dx,
+                                            double* nll, long long N, long long V, double count) {
+  softmax_xent_impl<double>(x, t, dx, nll, N, V, count);
 }
