@@ -382,7 +382,7 @@ class GemmFloor:
         return L[name]
 
     def forward(self):
-        xp, T = self.xp, self.T
+        T = self.T
         for k, L in enumerate(self.layers):
             mm = self.mm
             mm(L["x2"], L["W"], L["gates"].reshape(L["x2"].shape[0], -1))
