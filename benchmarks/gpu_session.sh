@@ -32,6 +32,10 @@
 # and never more than what is left (less a reserve for the report); a part that would get
 # less than it needs is skipped and said so. Rerun one part: bash benchmarks/gpu_session.sh OUT
 # precision report (same OUT: the report reads every part's files).
+# Other knobs: XLSTM_SESSION_FILE_SECONDS (default 100) caps one test file's process (one test:
+# 60 s, only where pytest-timeout is installed); XLSTM_SESSION_TRAIN_STEPS (default 150) the
+# train part's steps; XLSTM_GPU_TEST_FILES the test files of the tests part (default: every
+# tests/test_*.py that has a gpu mark).
 #
 # nvmath-python (CUDA-graph replay, tf32/bf16 GEMMs): used when importable; else installed from
 # a carried wheel .whl/nvmath_python-*.whl (see benchmarks/results/README.md) into

@@ -141,6 +141,20 @@ def test_cli_has_the_bench_subcommand():
         build_parser().parse_args(["bench", "--persistent", "maybe"])
 
 
+def test_bench_help_states_the_backends_persistent_default(monkeypatch):
+    """--help names the default that applies without the flag: XLSTM_PERSISTENT, else the
+    picker's own default (off until the crossover table is measured), not another one."""
+    from xlstm.backends import persistent
+    from xlstm.cli import build_parser
+
+    monkeypatch.delenv(persistent.ENV, raising=False)
+    default = persistent.mode_from_env()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if getattr(a, "choices", None) and "bench" in a.choices)
+    action = next(a for a in sub.choices["bench"]._actions if "--persistent" in a.option_strings)
+    assert f"else {default}" in action.help
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_plain_pointwise_steps_allocate_nothing_per_step(dtype):
     """The performance plan: after the first step, the NumPy pointwise steps and the per-step

@@ -14,8 +14,6 @@ any speed. The ``gpu`` tests at the end run the same comparisons on a device.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 

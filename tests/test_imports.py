@@ -14,8 +14,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 import xlstm
 
 PKG = pathlib.Path(xlstm.__file__).parent

@@ -40,7 +40,6 @@ import argparse
 import csv
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -383,7 +382,7 @@ class GemmFloor:
         return L[name]
 
     def forward(self):
-        xp, T = self.xp, self.T
+        T = self.T
         for k, L in enumerate(self.layers):
             mm = self.mm
             mm(L["x2"], L["W"], L["gates"].reshape(L["x2"].shape[0], -1))
@@ -1099,7 +1098,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--persistent", choices=("auto", "on", "off"), default=None,
                         help="CuPy: force the persistent kernels (on), the per-step kernels (off), or "
-                             "let the crossover table pick (auto); default XLSTM_PERSISTENT, else auto")
+                             "let the crossover table pick (auto); default XLSTM_PERSISTENT, else off")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for JSON/CSV/PNG")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")

@@ -162,7 +162,7 @@ class LSTM(Module):
         Drawn on the host from the model's seeded generator, so the same seed gives the same
         masks on every backend.
         """
-        H, xp = self.hidden_size, self.xp
+        H = self.hidden_size
         out = {}
         for k in range(self.num_layers):
             for d in range(self.num_directions):

@@ -52,7 +52,7 @@ def example(layer_norm: bool = False, bidirectional: bool = False, T: int = 3):
 
 
 def run(args) -> int:
-    lstm, tr = example(args.layer_norm, args.bidirectional, args.seq_len)
+    _, tr = example(args.layer_norm, args.bidirectional, args.seq_len)
     print(tr)
     if args.save:
         tr.save(args.save)

@@ -17,11 +17,12 @@ backend then also checks the driver's occupancy for the compiled
 kernel, because CuPy would shrink a cooperative grid that does not fit (with only a warning).
 
 Which of persistent or per-step kernels runs is ``choose(...)``: a crossover table by device,
-H and B, overridable per backend (``CupyBackend.persistent = "auto" | "on" | "off"``) and by the
-environment variable XLSTM_PERSISTENT. THE TABLE IS UNMEASURED: it was written without a GPU;
-its limits are conservative guesses (persistent only where a step is a few microseconds of work
-and per-step launches are known to dominate), to be replaced by the crossover that
-``xlstm bench --persistent on|off`` measures on each device.
+H and B, consulted only in mode "auto"; the mode is set per backend (``CupyBackend.persistent =
+"auto" | "on" | "off"``) or by the environment variable XLSTM_PERSISTENT, and is "off" when
+neither says (``mode_from_env``) until the kernels have run on a device. THE TABLE IS
+UNMEASURED: it was written without a GPU; its limits are conservative guesses (persistent only
+where a step is a few microseconds of work and per-step launches are known to dominate), to be
+replaced by the crossover that ``xlstm bench --persistent on|off`` measures on each device.
 """
 from __future__ import annotations
 
