@@ -137,9 +137,13 @@ def test_sequential_precision_sets_every_child():
     seq = xlstm.Sequential(xlstm.Embedding(5, 3), xlstm.LSTM(3, 4), xlstm.Dense(4, 5))
     assert seq.precision == "float32"
     seq.precision = "tf32"
-    assert [m.precision for m in seq] == ["tf32"] * 3 and seq.precision == "tf32"
+    assert [m.precision for m in seq] == ["float32", "tf32", "tf32"] and seq.precision == "tf32"
     seq[2].precision = "bf16"
     assert seq.precision == "mixed"
+    # an Embedding does no matrix product: it neither counts as 'mixed' nor takes the mode
+    seq = xlstm.Sequential(xlstm.Embedding(5, 3), xlstm.LSTM(3, 4, precision="bf16"),
+                           xlstm.Dense(4, 5, precision="bf16"))
+    assert seq.precision == "bf16"
     seq64 = xlstm.Sequential(xlstm.LSTM(3, 4, dtype="float64"))
     with pytest.raises(InputError, match="float32 model"):
         seq64.precision = "bf16"

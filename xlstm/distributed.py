@@ -14,8 +14,9 @@ Why averaging is the 1-process gradient: the loss of a rank is the mean over its
 T*(B/W) tokens; every rank has the same number of tokens (no masks or lengths in training,
 every window is full), so mean over ranks of per-rank means = mean over all T*B tokens, exactly
 in real arithmetic. In floating point the sums are grouped differently (two half-batch sums,
-then one addition), so the results differ from one process in the last bits: about 1e-7
-relative in float32, 1e-16 in float64. Dividing by W is exact when W is a power of two.
+then one addition), so one step's results differ from one process in the last bits: about
+1e-7 relative in float32, 1e-16 in float64 (Adam then magnifies such differences over steps:
+the tests hold 25 steps to 1e-6 / 1e-12; see the README). Dividing by W is exact when W is a power of two.
 
 torch is imported only here and only when a run is distributed; a single-process run never
 imports it. NumPy arrays reach gloo through ``torch.from_numpy`` and CuPy arrays reach NCCL
@@ -24,7 +25,6 @@ The NCCL path is untested without a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import os

@@ -151,6 +151,8 @@ class Embedding(Module):
     "auto", "sort" or "onehot" (see there). The ids have no gradient.
     """
 
+    multiplies = False          # a lookup, no matrix product: GEMM precision does not apply
+
     def __init__(self, num_embeddings: int, dim: int, dtype="float32", seed=None, backend=None,
                  grad_method: str = "auto"):
         super().__init__(dtype=dtype, backend=backend)
@@ -252,8 +254,9 @@ class Sequential(Module):
 
     @property
     def precision(self) -> str:
-        """The children's GEMM precision ('mixed' when they differ); setting it sets every child's."""
-        found = {m.precision for m in self.modules if hasattr(m, "precision")}
+        """The GEMM precision of the children that multiply ('mixed' when they differ); setting it
+        sets theirs (an Embedding is a lookup: its precision stays as it is)."""
+        found = {m.precision for m in self._multiplying()}
         return found.pop() if len(found) == 1 else ("float32" if not found else "mixed")
 
     @precision.setter
@@ -261,9 +264,11 @@ class Sequential(Module):
         from .precision import check_precision
 
         check_precision(value, self.dtype)          # refuse before changing any child
-        for m in self.modules:
-            if hasattr(m, "precision"):
-                m.precision = value
+        for m in self._multiplying():
+            m.precision = value
+
+    def _multiplying(self):
+        return [m for m in self.modules if hasattr(m, "precision") and getattr(m, "multiplies", True)]
 
     @property
     def params(self) -> dict:
