@@ -179,6 +179,35 @@ def test_numpy_backward_sequence_matches_per_step_loop(dtype):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("forget_bias", [1.0, 0.0])
+def test_numpy_forward_sequence_equals_per_step_loop_bitwise(dtype, forget_bias):
+    """The NumPy forward loop (halves hoisted into the input gates and a scaled copy of U)
+    against the base class's per-step loop (matmul_add + lstm_forward_step): every gate and
+    state bitwise equal, since scaling by 0.5 is exact; the options fall back to the base loop."""
+    from xlstm.backends.base import Backend
+
+    rng = np.random.default_rng(5)
+    T, B, H = 9, 4, 16
+    be = NumpyBackend()
+    g0 = rng.standard_normal((T, B, 4 * H)).astype(dtype) * 2
+    U = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
+    h0, c0 = rng.standard_normal((2, B, H)).astype(dtype)
+    zh = rng.uniform(0, 1, (T, B, H)).astype(dtype)
+    for opts in ({}, {"zh": zh}):
+        results = []
+        for run in (Backend.lstm_forward_sequence, NumpyBackend.lstm_forward_sequence):
+            g, hs, cs = g0.copy(), np.empty((T + 1, B, H), dtype), np.empty((T + 1, B, H), dtype)
+            hs[0], cs[0] = h0, c0
+            run(be, g, hs, cs, U, forget_bias, **opts)
+            results.append((g, hs, cs))
+        for a, b in zip(*results):
+            assert a.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(a, b)
+    # and not trivially: the states moved away from the initial ones
+    assert np.abs(results[0][1][-1] - h0).max() > 0.1
+
 # -- arrays kept on the host own their memory (issue 9) -----------------------------------------
 def test_to_numpy_copy_owns_its_memory():
     be = xlstm.backends.resolve("numpy")
@@ -217,3 +246,15 @@ def test_what_callers_keep_does_not_follow_later_training(D, H):
     for w, d in kept.items():
         for k, v in d.items():
             np.testing.assert_array_equal(v, frozen[w][k], err_msg=f"{w} {k} changed after training on")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_layer_norm_mean_is_bitwise_np_mean(dtype):
+    """The LayerNorm row mean skips np.mean's Python wrapper but must give its very numbers
+    (the float64 results of the LayerNorm cell stay bitwise what they were)."""
+    rng = np.random.default_rng(7)
+    for shape in ((32, 4, 64), (5, 1, 13), (3, 4, 100), (2, 1, 3)):
+        v = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+        got = np.empty(shape[:2], dtype)
+        NumpyBackend._mean_rows(v, got)
+        np.testing.assert_array_equal(got, np.mean(v, axis=2))

@@ -97,7 +97,7 @@ class NumpyBackend(Backend):
 
     def _tmp(self, key, shape, dtype):
         """A scratch buffer reused across time steps (so the loop does not allocate)."""
-        k = (key, shape, np.dtype(dtype).str)
+        k = (key, shape, dtype)                 # dtype as given: np.dtype(...).str costs ~0.3 us a call
         buf = self._scratch.get(k)
         if buf is None:
             if len(self._scratch) > 64:  # many shapes seen: keep memory bounded
@@ -214,6 +214,54 @@ class NumpyBackend(Backend):
             return
         self._carry(c_new, c_prev, c, mask, zc)
         self._carry(h_new, h_prev, h, mask, zh)
+
+    def lstm_forward_sequence(self, gates, hs, cs, U, forget_bias,
+                              mask=None, zc=None, zh=None, gmask=None, precision="float32") -> None:
+        """Forward of the plain cell over all T steps (see Backend), with the per-step work cut
+        to 10-11 ufunc/GEMM calls; masks, zoneout, dropout, emulated precisions and ``eager()`` (traced
+        calls, which check the per-step ops) take the base loop.
+
+        Per step t, with half = 0.5 on the i, f, o columns and 1 on g (``_gate_consts``):
+
+            s      = half * (xW + b)  +  hs[t] @ (U * half)  +  0.5 * forget_bias on f
+            gates  = half * tanh(s) + (0.5 on i, f, o; 0 on g)   -> sigmoid(z) on i, f, o; tanh on g
+            c[t+1] = f * c[t] + i * g ;   h[t+1] = o * tanh(c[t+1])
+
+        Scaling by 0.5 is exact in binary floating point (no subnormals here), so hoisting it out
+        of the loop (into the input gates once and into a scaled copy of U) gives bitwise the
+        numbers of the per-step path. forget_bias stays a per-step add after the recurrent
+        product: folding it into the input gates would reorder one addition (1 ulp, amplified by
+        the recurrence to ~1e-13 in float64 over 64 steps).
+        """
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        if not (mask is None and zc is None and zh is None and gmask is None and precision == "float32"
+                and not isinstance(U, Rounded) and gates.flags.c_contiguous and not self._force_eager):
+            return super().lstm_forward_sequence(gates, hs, cs, U, forget_bias, mask, zc, zh, gmask, precision)
+        half, bias, _ = self._gate_consts((B, H4), gates.dtype)
+        gates *= half[0]
+        fb = 0.5 * forget_bias
+        Uh = np.multiply(U, half[0], dtype=gates.dtype)     # U's i, f, o columns halved (exact)
+        tmp = self._tmp("fs_mm", (B, H4), gates.dtype)
+        x = self._tmp("fs_x", (B, H), gates.dtype)
+        # per-step views made once by iterating the arrays (cheaper than indexing in the loop)
+        steps = zip(gates, gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:],
+                    cs[:-1], cs[1:], hs[:-1], hs[1:])
+        mm, tanh, mul = np.matmul, np.tanh, np.multiply
+        with self._gemm_threads(B * H * H4):
+            for z, i, f, g, o, c_prev, c, h_prev, h in steps:
+                mm(h_prev, Uh, out=tmp)                     # recurrent GEMM (halved columns)
+                z += tmp
+                if fb:
+                    f += fb
+                tanh(z, out=z)
+                z *= half
+                z += bias                                   # the gates i, f, g, o
+                mul(f, c_prev, out=c)
+                mul(i, g, out=x)
+                c += x
+                tanh(c, out=h)
+                h *= o
 
     def _carry(self, new, prev, out, mask, zone):
         """out = k*prev + (1-k)*new with k = 1 - mask*(1-zone), i.e. out = prev + (1-k)*(new-prev)."""
@@ -416,14 +464,21 @@ class NumpyBackend(Backend):
         d *= t
 
     # -- the LayerNorm LSTM step (equations in base.py) -------------------------------------
+    @staticmethod
+    def _mean_rows(v3, out):
+        """out = mean of v3 [B,G,N] over its last axis: np.mean's own two ops (a sum, then a
+        division by the count as intp), without its Python wrapper, so bitwise np.mean's result."""
+        np.add.reduce(v3, axis=2, out=out)
+        np.true_divide(out, np.intp(v3.shape[2]), out=out, casting="unsafe")
+
     def _ln_rows(self, v3, vhat3, rstd, eps):
         """vhat3 = (v3 - mean) * rstd over the last axis; v3, vhat3 [B,G,N], rstd [B,G] out."""
         mean = self._tmp("ln_mean", rstd.shape, rstd.dtype)
         sq = self._tmp("ln_sq", v3.shape, v3.dtype)
-        np.mean(v3, axis=2, out=mean)
+        self._mean_rows(v3, mean)
         np.subtract(v3, mean[:, :, None], out=vhat3)
         np.multiply(vhat3, vhat3, out=sq)
-        np.mean(sq, axis=2, out=rstd)              # biased variance
+        self._mean_rows(sq, rstd)                  # biased variance
         rstd += eps
         np.sqrt(rstd, out=rstd)
         np.reciprocal(rstd, out=rstd)
@@ -434,9 +489,9 @@ class NumpyBackend(Backend):
         m1 = self._tmp("ln_m1", rstd.shape, rstd.dtype)
         m2 = self._tmp("ln_m2", rstd.shape, rstd.dtype)
         prod = self._tmp("ln_prod", d3.shape, d3.dtype)
-        np.mean(d3, axis=2, out=m1)
+        self._mean_rows(d3, m1)
         np.multiply(d3, vhat3, out=prod)
-        np.mean(prod, axis=2, out=m2)
+        self._mean_rows(prod, m2)
         np.multiply(vhat3, m2[:, :, None], out=prod)
         d3 -= m1[:, :, None]
         d3 -= prod
@@ -457,7 +512,7 @@ class NumpyBackend(Backend):
             prod = self._tmp("ln_accprod", a.shape, a.dtype)
             np.multiply(a, b, out=prod)
             a = prod
-        np.sum(a, axis=0, out=red)
+        np.add.reduce(a, axis=0, out=red)          # np.sum without its wrapper
         acc += red
 
     def ln_lstm_forward_step(self, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h,
