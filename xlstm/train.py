@@ -237,12 +237,6 @@ def load_model(path: str, backend=None, warn=print):
     return model.eval(), vocab, meta, folder
 
 
-def evaluate(model, streams: np.ndarray, seq_len: int) -> float:
-    """Mean cross-entropy (nats/token) over validation streams [B, L], state carried, from zeros."""
-    total, count = eval_sums(model, streams, seq_len)
-    return total / count
-
-
 def eval_sums(model, streams: np.ndarray, seq_len: int) -> tuple[float, int]:
     """(sum of cross-entropies, number of tokens) over streams [B, L]: the parts of a mean that
     several processes, each with some of the streams, add up exactly."""

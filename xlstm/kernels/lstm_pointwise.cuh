@@ -38,38 +38,21 @@ namespace xlstm {
 // Index type for element offsets: B*4H can pass 2^31 for large batches and widths.
 typedef long long index_t;
 
-// tanh in the precision of T. On the device these are CUDA's libdevice tanhf/tanh (no fast-math
-// intrinsics: do not compile with -use_fast_math, whose tanh.approx is accurate to only ~1e-3
-// relative); on the host, the C library's.
-XLSTM_HD float tanh_t(float x) {
+// f(x) in the precision of T, for f in tanh, sqrt (and exp, log in xent.cuh). On the device
+// these are CUDA's libdevice functions (tanhf/tanh ...; no fast-math intrinsics: do not compile
+// with -use_fast_math, whose tanh.approx is accurate to only ~1e-3 relative); on the host, the
+// C library's.
 #if defined(__CUDACC__)
-  return tanhf(x);
+#define XLSTM_MATH_T(name, f32_fn, f64_fn) \
+  XLSTM_HD float name(float x) { return f32_fn(x); } \
+  XLSTM_HD double name(double x) { return f64_fn(x); }
 #else
-  return std::tanh(x);
+#define XLSTM_MATH_T(name, f32_fn, f64_fn) \
+  XLSTM_HD float name(float x) { return std::f64_fn(x); } \
+  XLSTM_HD double name(double x) { return std::f64_fn(x); }
 #endif
-}
-XLSTM_HD double tanh_t(double x) {
-#if defined(__CUDACC__)
-  return tanh(x);
-#else
-  return std::tanh(x);
-#endif
-}
-
-XLSTM_HD float sqrt_t(float x) {
-#if defined(__CUDACC__)
-  return sqrtf(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-XLSTM_HD double sqrt_t(double x) {
-#if defined(__CUDACC__)
-  return sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
+XLSTM_MATH_T(tanh_t, tanhf, tanh)
+XLSTM_MATH_T(sqrt_t, sqrtf, sqrt)
 
 // sigmoid(x) = 1 / (1 + exp(-x)) written as 0.5 * tanh(0.5 x) + 0.5: it never overflows
 // (exp(-x) does for x < -88 in float32) and it matches the NumPy backend operation for operation.

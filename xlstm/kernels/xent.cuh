@@ -16,24 +16,9 @@ namespace xlstm {
 
 constexpr int XENT_THREADS = 256;
 
-// exp and log in the precision of T (libdevice's expf/logf, exp/log on the device; the C
-// library's on the host), as tanh_t in lstm_pointwise.cuh
-XLSTM_HD float exp_t(float x) {
-#if defined(__CUDACC__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-XLSTM_HD double exp_t(double x) { return exp(x); }
-XLSTM_HD float log_t(float x) {
-#if defined(__CUDACC__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-XLSTM_HD double log_t(double x) { return log(x); }
+// exp and log in the precision of T, as tanh_t (lstm_pointwise.cuh)
+XLSTM_MATH_T(exp_t, expf, exp)
+XLSTM_MATH_T(log_t, logf, log)
 
 // thread tid's maximum over its columns (x[0] stands in for a thread without columns: it is
 // in the row, so the row's maximum is unchanged)
