@@ -226,7 +226,7 @@ class Single:
         return obj
 
     def gather_streams(self, a, backend) -> np.ndarray:
-        return np.array(backend.to_numpy(a))
+        return backend.to_numpy(a)      # already every stream; the checkpoint copies its snapshot
 
     def draw_masks(self, lstm, T, B):
         return None         # the LSTM draws its own, for the whole batch
