@@ -114,7 +114,7 @@ bench() {
     note "$name: not run, ${PART_SECONDS} s left of the part (NOT MEASURED)"
     return 1
   fi
-  "$PY" -m xlstm.cli bench --budget "$b" --no-progress --out "$OUT" --name "$name" "$@" \
+  "$PY" -m xlstm.app.cli bench --budget "$b" --no-progress --out "$OUT" --name "$name" "$@" \
       > "$OUT/$name.txt" 2> "$OUT/$name.err"
   local rc=$?
   tail -n 25 "$OUT/$name.txt"
@@ -278,7 +278,7 @@ part_train() {
   [ "$NVMATH" -eq 0 ] && modes=float32
   for mode in $modes; do
     rm -rf "/tmp/xlstm-train-$mode"
-    "$PY" -m xlstm.cli train --backend cupy --precision "$mode" --steps "$TRAIN_STEPS" \
+    "$PY" -m xlstm.app.cli train --backend cupy --precision "$mode" --steps "$TRAIN_STEPS" \
         --eval-every "$TRAIN_STEPS" --save-every 1000000 --log-every 10 --no-progress \
         --out "/tmp/xlstm-train-$mode" > "$OUT/train-$mode.txt" 2>&1
     local r=$?

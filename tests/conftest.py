@@ -40,3 +40,22 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def host_lib(tmp_path_factory):
+    """The CUDA kernels built for the host by g++ (support/kernels_host.py), or a skip naming the
+    missing compiler."""
+    from support import kernels_host
+
+    return kernels_host.build_or_skip(tmp_path_factory, "host_kernels")
+
+
+@pytest.fixture
+def emulated(host_lib, monkeypatch):
+    """(CupyBackend running on the host against the stand-in cupy, the stand-in's records)."""
+    from support.standin import install_fakes
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    fake = install_fakes(host_lib, monkeypatch, nvmath=False)
+    return CupyBackend(), fake

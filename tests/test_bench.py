@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import xlstm
+from support.bench import SecondNumpy, load_script
 from xlstm import bench
 from xlstm.backends.numpy_backend import NumpyBackend
 
@@ -130,7 +131,7 @@ def test_plot_is_written_when_matplotlib_is_installed(tmp_path):
 
 
 def test_cli_has_the_bench_subcommand():
-    from xlstm.cli import SUBCOMMANDS, build_parser
+    from xlstm.app.cli import SUBCOMMANDS, build_parser
 
     assert SUBCOMMANDS["bench"][0] == "xlstm.bench"
     args = build_parser().parse_args(["bench", "--quick", "--batch", "32,64"])
@@ -145,7 +146,7 @@ def test_bench_help_states_the_backends_persistent_default(monkeypatch):
     """--help names the default that applies without the flag: XLSTM_PERSISTENT, else the
     picker's own default (off until the crossover table is measured), not another one."""
     from xlstm.backends import persistent
-    from xlstm.cli import build_parser
+    from xlstm.app.cli import build_parser
 
     monkeypatch.delenv(persistent.ENV, raising=False)
     default = persistent.mode_from_env()
@@ -236,17 +237,11 @@ def test_host_results_do_not_change_when_the_backend_runs_again(use_torch):
         assert not np.shares_memory(after[2][k], g), k
 
 
-class _SecondNumpy(NumpyBackend):
-    """NumPy under the name 'cupy': the bench compares it against the NumPy backend's results,
-    the path ``--backends numpy,cupy`` takes on a GPU machine (no torch on this 'device')."""
-    name = "cupy"
-
-
 def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
     """The second backend of a cell is checked against what the first computed in its check;
     with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
     step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
     rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
                      "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                      "--no-memory", "--out", str(tmp_path), "--name", "two"])
@@ -259,7 +254,7 @@ def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
 
 def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
     """benchmarks/embedding_grad.py (sort vs one-hot on the GPU) runs here on a tiny grid."""
-    mod = _load_script("embedding_grad.py")
+    mod = load_script("embedding_grad.py")
     assert mod.main(["--backend", "numpy", "--repeat", "2", "--vocab", "5,300", "--tokens", "64",
                      "--dims", "3", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "embedding_grad.json").read_text())["rows"]
@@ -267,17 +262,6 @@ def test_embedding_grad_microbenchmark_checks_and_writes(tmp_path, capsys):
     for r in rows:
         assert r["median_ms"] > 0 and r["max_abs_err_f64"] < 1e-12 and r["bitwise_repeatable"]
     assert (tmp_path / "embedding_grad.csv").exists()
-
-
-def _load_script(name):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_a_cell_the_backend_refuses_is_an_error_row_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from xlstm import checkpoint
-from xlstm.checkpoint import CheckpointError
+from xlstm.app import checkpoint
+from xlstm.app.checkpoint import CheckpointError
 
 
 def _arrays(v=1.0):
@@ -129,7 +129,7 @@ def test_checkpoint_arrays_are_snapshots_of_the_training_state():
     """What train saves (parameters, Adam's buffers, the carried LSTM state) owns its memory:
     a step taken while the checkpoint is being written cannot change it (issue 9's aliasing
     class: on NumPy ``to_numpy`` is the live buffer)."""
-    from xlstm import train
+    from xlstm.app import train
     from xlstm.losses import cross_entropy
     from xlstm.optim import Adam
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import xlstm
-from test_cupy_backend import (CONFIG_IDS, CONFIGS, compare_models, host_lib,  # noqa: F401 (fixture)
-                               install_fakes)
+from support.compare import CONFIG_IDS, CONFIGS, compare_models
+from support.standin import install_fakes
 from xlstm.backends import cupy_unavailable_reason
 
 
@@ -464,7 +464,7 @@ def test_fake_nvmath_matches_the_real_binding():
     import inspect
     import re
 
-    from test_cupy_backend import make_fake_cupy, make_fake_nvmath
+    from support.standin import make_fake_cupy, make_fake_nvmath
 
     real = pytest.importorskip("nvmath.bindings.cublas")
     import nvmath

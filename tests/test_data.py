@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from xlstm import data
+from xlstm.app import data
 from xlstm.errors import InputError
 
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from xlstm import checkpoint, distributed
+from xlstm.app import checkpoint, distributed
 from xlstm.errors import InputError, StateError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,7 @@ def assert_losses_close(a, b, rtol):
 
 # -- no torch, and pieces that need no second process ------------------------------------------
 def test_single_process_training_does_not_import_torch(corpus, tmp_path):
-    code = ("import sys; from xlstm.cli import main; "
+    code = ("import sys; from xlstm.app.cli import main; "
             f"rc = main(['train', '--text', {corpus!r}, *{TINY!r}, '--steps', '3', '--out', {str(tmp_path / 'r')!r}]); "
             "print('exit', rc, 'torch imported:', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
@@ -129,7 +129,7 @@ def test_strip_nproc():
 
 def test_flat_gradient_buffer_keeps_backward_and_zero_grad_working():
     from xlstm.losses import cross_entropy
-    from xlstm.train import DEFAULTS, build_model
+    from xlstm.app.train import DEFAULTS, build_model
 
     cfg = dict(DEFAULTS, hidden=6, embed=3, layers=2)
     rng = np.random.default_rng(0)
@@ -161,7 +161,7 @@ def test_flat_gradient_buffer_keeps_backward_and_zero_grad_working():
 
 
 def test_parameter_digest_check_catches_a_difference():
-    from xlstm.train import DEFAULTS, build_model
+    from xlstm.app.train import DEFAULTS, build_model
 
     m = build_model(dict(DEFAULTS, hidden=4, embed=2), 5, "numpy")
     d0 = distributed.params_digest(m)
@@ -186,7 +186,7 @@ def test_nproc_without_torch_says_what_to_install(monkeypatch):
 
 
 def test_bad_dist_timeout(capsys, corpus, tmp_path):
-    from xlstm.cli import main
+    from xlstm.app.cli import main
     assert main(["train", "--text", corpus, "--dist-timeout", "0", "--out", str(tmp_path / "r")]) == 2
     assert "--dist-timeout" in capsys.readouterr().err
 

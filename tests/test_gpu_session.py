@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from test_bench import _load_script, _SecondNumpy
+from support.bench import SecondNumpy as _SecondNumpy
+from support.bench import load_script as _load_script
 from xlstm import bench
 from xlstm.backends.numpy_backend import NumpyBackend
 
@@ -88,7 +89,7 @@ def test_train_summary_from_a_real_run(tmp_path, gr):
     out = tmp_path / "s"
     out.mkdir()
     with open(out / "train-float32.txt", "w") as f:
-        r = subprocess.run([sys.executable, "-m", "xlstm.cli", "train", "--backend", "numpy", "--steps", "12",
+        r = subprocess.run([sys.executable, "-m", "xlstm.app.cli", "train", "--backend", "numpy", "--steps", "12",
                             "--eval-every", "12", "--save-every", "1000000", "--log-every", "2", "--no-progress",
                             "--out", str(tmp_path / "run"), "--max-chars", "20000", "--hidden", "8"],
                            stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=ROOT))

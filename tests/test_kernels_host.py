@@ -16,25 +16,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels_host_lib
+from support.kernels_host import SUFFIX, TOL, check, err
+from support.kernels_host import ptr as _ptr
 from xlstm import cell
 from xlstm.backends.numpy_backend import NumpyBackend
 
-TOL = {np.float32: 1e-6, np.float64: 1e-12}
-SUFFIX = {np.float32: "f32", np.float64: "f64"}
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels")
-
-
-def _ptr(a):
-    """Data pointer of a C-contiguous array, or None (NULL) for an unused input."""
-    if a is None:
-        return None
-    assert a.flags.c_contiguous
-    return a.ctypes.data
+def lib(host_lib):
+    return host_lib
 
 
 def host_forward(lib, z, c_prev, h_prev, forget_bias, mask=None, zc=None, zh=None, gmask=None):
@@ -69,18 +60,6 @@ def host_backward(lib, gates, c_prev, dy, dh_next, dc_next, mask=None, zc=None, 
         _ptr(gates), _ptr(c_prev), _ptr(dy), _ptr(dh_in), _ptr(dc_in), _ptr(dz), _ptr(dc_prev),
         _ptr(dh_skip), _ptr(mask), _ptr(zc), _ptr(zh), _ptr(gmask), B, H)
     return dz, dc_prev, dh_skip
-
-
-def err(a, b):
-    """Normwise error max|a-b| / max(max|b|, 1)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "non-finite value in the kernel's output"
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1.0))
-
-
-def check(what, dt, got, want):
-    e = err(got, want)
-    assert e <= TOL[dt], f"{what} ({np.dtype(dt).name}): error {e:.3g} > {TOL[dt]:g}"
 
 
 def check_ill_conditioned(what, got, refs, truth):

@@ -17,14 +17,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels_host_lib
-from test_kernels_host import SUFFIX as SFX, _ptr as _p, check
+from support.kernels_host import SUFFIX as SFX, check
+from support.kernels_host import ptr as _p
 from xlstm.backends.numpy_backend import NumpyBackend
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_persistent")
+def lib(host_lib):
+    return host_lib
 
 
 def launch_shape(lib, backward, B, H, NB, nt, KS, dt):

@@ -91,13 +91,6 @@ def test_rounding_refuses_float64():
         P.round_bf16(np.zeros(3))
 
 
-@pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    import kernels_host_lib
-
-    return kernels_host_lib.build_or_skip(tmp_path_factory, "host_kernels_precision")
-
-
 def test_cast_kernel_host_build_equals_ml_dtypes(host_lib):
     """f32_to_bf16 (xlstm/kernels/precision.cuh, the code the GPU runs) compiled for the host."""
     x = random_bits(300_000, seed=2)
@@ -338,7 +331,7 @@ def test_bf16_model_equals_an_independent_torch_implementation():
 def host_cupy(host_lib, monkeypatch):
     """CupyBackend on a stand-in cupy (NumPy arrays, host kernels) and stand-in nvmath cuBLAS,
     CUDA graphs off (the eager loop; the graph tests are below)."""
-    import test_cupy_backend as tcb
+    from support import standin as tcb
     from xlstm.backends.cupy_backend import CupyBackend
 
     fake = tcb.install_fakes(host_lib, monkeypatch, nvmath=True)
@@ -451,8 +444,8 @@ def test_gpu_tf32_rounding():
 # =============================================================================================
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
 def test_train_precision_resume_equals_uninterrupted(mode, tmp_path):
-    import test_train as tt
-    from xlstm import checkpoint
+    from support import cli as tt
+    from xlstm.app import checkpoint
 
     corpus = tmp_path / "c.txt"
     rng = np.random.default_rng(0)
@@ -474,7 +467,7 @@ def test_train_precision_resume_equals_uninterrupted(mode, tmp_path):
     # resuming in another mode is refused, naming both
     r = tt.xlstm("train", "--resume", b, "--precision", "float32", "--steps", "20", "--no-progress", check=2)
     assert f"--precision {mode!r}" in r.stderr and "--precision 'float32'" in r.stderr
-    from xlstm.train import load_model
+    from xlstm.app.train import load_model
     model, *_ = load_model(str(b), backend="numpy")
     assert model.precision == mode
     tt.xlstm("sample", b, "--length", "5", "--seed", "0", check=0)
@@ -489,7 +482,7 @@ def importlib_util_find(name):
 
 
 def test_train_refuses_float64_with_reduced_precision(tmp_path):
-    import test_train as tt
+    from support import cli as tt
 
     r = tt.xlstm("train", "--text", __file__, *tt.TINY, "--steps", "1", "--dtype", "float64",
                  "--precision", "bf16", "--out", tmp_path / "r", check=2)
@@ -520,7 +513,7 @@ def test_resume_of_a_checkpoint_from_before_precision_modes(tmp_path):
     and --precision bf16 on it is refused instead of silently ignored."""
     import json
 
-    import test_train as tt
+    from support import cli as tt
 
     run = tmp_path / "old"
     tt.xlstm("train", "--text", __file__, *tt.TINY, "--steps", "2", "--out", run, check=0)
@@ -531,5 +524,5 @@ def test_resume_of_a_checkpoint_from_before_precision_modes(tmp_path):
     r = tt.xlstm("train", "--resume", run, "--precision", "bf16", "--steps", "3", "--no-progress", check=2)
     assert "--precision 'float32'" in r.stderr and "--precision 'bf16'" in r.stderr
     tt.xlstm("train", "--resume", run, "--steps", "3", "--no-progress", check=0)
-    from xlstm.train import load_model
+    from xlstm.app.train import load_model
     assert load_model(str(run), backend="numpy")[0].precision == "float32"

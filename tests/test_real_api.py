@@ -57,7 +57,7 @@ def params(f) -> list[str]:
 def test_stream_capture_api_and_the_stand_in():
     cupy = _cupy()
     from cupy.cuda import graph, runtime
-    from test_cupy_backend import _FakeGraph, _FakeStream
+    from support.standin import _FakeGraph, _FakeStream
 
     S = cupy.cuda.Stream
     assert params(S) == ["null", "non_blocking", "ptds", "priority"]   # Stream(non_blocking=True)
@@ -78,7 +78,7 @@ def test_stream_capture_api_and_the_stand_in():
 # -- cupy: kernels (xlstm/backends/cupy_backend.py) -----------------------------------------------
 def test_raw_module_keywords_and_the_stand_in(tmp_path):
     cupy = _cupy()
-    from test_cupy_backend import make_fake_cupy
+    from support.standin import make_fake_cupy
 
     src = 'extern "C" __global__ void k(float* x) { x[0] = 1.0f; }'
     # constructing compiles nothing, so this runs without a device
@@ -123,7 +123,7 @@ def test_device_attribute_keys():
     _cupy()
     from cupy_backends.cuda.api import runtime
 
-    from test_cupy_backend import make_fake_cupy
+    from support.standin import make_fake_cupy
 
     fake_keys = set(make_fake_cupy(lib=None).module.cuda.Device(0).attributes)
     assert fake_keys == {"MultiProcessorCount", "MaxSharedMemoryPerBlockOptin",
@@ -135,7 +135,7 @@ def test_device_attribute_keys():
 
 def test_cupy_gemm_fallback_signature():
     cupy = _cupy()
-    from test_cupy_backend import make_fake_cupy
+    from support.standin import make_fake_cupy
 
     real = params(cupy.cublas.gemm)
     assert real == ["transa", "transb", "a", "b", "out", "alpha", "beta"]
@@ -170,7 +170,7 @@ GEMM = ["handle", "transa", "transb", "m", "n", "k", "alpha", "a", "lda", "b", "
 
 def test_nvmath_cublas_calls_match_the_stand_in():
     cublas = _nvmath_cublas()
-    from test_cupy_backend import make_fake_cupy, make_fake_nvmath
+    from support.standin import make_fake_cupy, make_fake_nvmath
 
     fake = make_fake_nvmath(make_fake_cupy(lib=None))["nvmath.bindings.cublas"]
     want = {"create": [], "destroy": ["handle"], "set_stream": ["handle", "stream_id"],

@@ -167,7 +167,7 @@ def test_print_is_a_readable_table():
 
 def test_cli_trace_prints_the_tensorflow_cell(capsys, tmp_path):
     """`xlstm trace` runs TF's section-1 cell: its t=0 h and c are TensorFlow's printed values."""
-    from xlstm.cli import main
+    from xlstm.app.cli import main
 
     path = tmp_path / "t.npz"
     assert main(["trace", "--save", str(path)]) == 0

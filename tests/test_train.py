@@ -8,30 +8,12 @@ import time
 
 import numpy as np
 import pytest
+from support.cli import TINY, records, xlstm
 
-from xlstm import checkpoint
-from xlstm.cli import main
+from xlstm.app import checkpoint
+from xlstm.app.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--eval-every", "5",
-        "--log-every", "1", "--no-progress"]
-
-
-def xlstm(*argv, check=None, **kw):
-    env = dict(os.environ, XLSTM_BACKEND="numpy", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "xlstm", *map(str, argv)], capture_output=True, text=True,
-                       env=env, timeout=120, **kw)
-    assert "Traceback" not in r.stderr, r.stderr
-    if check is not None:
-        assert r.returncode == check, r.stdout + r.stderr
-    return r
-
-
-def records(run, split="train"):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if json.loads(line)["split"] == split]
-
-
 def test_end_to_end_loss_falls(corpus, tmp_path):
     run = tmp_path / "run"
     r = xlstm("train", "--text", corpus, *TINY, "--steps", "60", "--lr", "0.02", "--out", run, check=0)
@@ -141,7 +123,7 @@ def test_export_to_torch_matches_the_lstm(trained, tmp_path):
     torch = pytest.importorskip("torch")
     out = tmp_path / "lstm.pt"
     xlstm("export", trained, "--to", "torch", "--output", out, check=0)
-    from xlstm.train import load_model
+    from xlstm.app.train import load_model
     model, vocab, meta, _ = load_model(str(trained), backend="numpy")
     lstm = model[1]
     t = torch.nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers)

@@ -4,7 +4,7 @@ The counts come from the stand-in cupy of tests/test_cupy_backend.py in counting
 arrays are an ndarray subclass seen as cupy's, whose host reads (asnumpy, .get(), .item(),
 float/int/bool, Stream.synchronize) are counted as syncs, and whose ufuncs, reductions, copies,
 fancy indexing, GEMMs, raw kernel launches and graph launches are counted as device ops. The
-whole step is ``xlstm.train.train_step`` (Embedding -> LSTM -> Dense -> cross-entropy -> clip
+whole step is ``xlstm.app.train.train_step`` (Embedding -> LSTM -> Dense -> cross-entropy -> clip
 -> Adam), the code ``xlstm train`` runs.
 
 Measured before this change (default model scaled down: H=16, E=8, V=20, B=4), per step:
@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 import xlstm
-from test_cupy_backend import host_lib, install_fakes  # noqa: F401 (fixture)
-from xlstm import checks, distributed, optim, train
+from support.standin import install_fakes
+from xlstm import checks, optim
+from xlstm.app import distributed, train
 from xlstm.errors import InputError
 from xlstm.losses import cross_entropy
 

@@ -1,5 +1,5 @@
 import sys
 
-from xlstm.cli import main
+from xlstm.app.cli import main
 
 sys.exit(main())

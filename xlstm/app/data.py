@@ -16,7 +16,7 @@ import sysconfig
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 DEFAULT_MAX_CHARS = 1_000_000
 LEVELS = ("char", "word")

@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 FORMAT = "xlstm-checkpoint"
 VERSION = 1

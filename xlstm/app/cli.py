@@ -12,11 +12,11 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "info": ("xlstm.cli", "show the version, the backends usable here and why any is not"),
-    "gradcheck": ("xlstm.cli", "finite-difference check of every gradient of a small float64 LSTM"),
-    "train": ("xlstm.train", "train a character/word language model (default corpus: Python's own source)"),
-    "sample": ("xlstm.sample", "generate text from a checkpoint of `xlstm train`"),
-    "export": ("xlstm.sample", "write a checkpoint's LSTM weights for another framework (--to torch)"),
+    "info": ("xlstm.app.cli", "show the version, the backends usable here and why any is not"),
+    "gradcheck": ("xlstm.app.cli", "finite-difference check of every gradient of a small float64 LSTM"),
+    "train": ("xlstm.app.train", "train a character/word language model (default corpus: Python's own source)"),
+    "sample": ("xlstm.app.sample", "generate text from a checkpoint of `xlstm train`"),
+    "export": ("xlstm.app.sample", "write a checkpoint's LSTM weights for another framework (--to torch)"),
     "trace": ("xlstm.trace_example", "print every named forward value and BPTT gradient of a tiny example, per step"),
     "bench": ("xlstm.bench", "time NumPy/CuPy against the GEMM floor and torch.nn.LSTM (table, JSON, CSV, PNG)"),
 }

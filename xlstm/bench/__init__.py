@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, XlstmError
+from ..errors import InputError, XlstmError
 
 FULL_HIDDEN = (64, 128, 256, 512, 1024, 2048)
 FULL_SEQ = (16, 64, 256)
@@ -344,7 +344,7 @@ class GemmFloor:
         # the NumPy backend runs small per-step GEMMs on one OpenBLAS thread; so does the floor
         self.one_thread = None
         if xp is np:
-            from .backends.numpy_backend import SMALL_GEMM_MACS, _openblas_threads
+            from ..backends.numpy_backend import SMALL_GEMM_MACS, _openblas_threads
 
             if B * H * 4 * H <= SMALL_GEMM_MACS:
                 self.one_thread = _openblas_threads()
@@ -366,7 +366,7 @@ class GemmFloor:
         calls replay the graph."""
         g = self.graphs.get(key)
         if g is None:
-            from .backends.cuda_graphs import capture
+            from ..backends.cuda_graphs import capture
 
             loop()
             self.graphs[key] = capture(self.xp, loop)
@@ -458,7 +458,7 @@ def reference_step(params: dict, x, dy, layers: int, forget_bias: float):
 
     Returns y [T,B,H], dx [T,B,D] and grads {name: array}.
     """
-    from .cell import step_backward, step_forward
+    from ..cell import step_backward, step_forward
 
     x = np.asarray(x, np.float64)
     dy = np.asarray(dy, np.float64)

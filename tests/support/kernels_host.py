@@ -99,3 +99,28 @@ def kernel_signatures(source: str | None = None) -> dict:
 def numpy_type(base: str):
     """The NumPy scalar type a launch must pass for a scalar parameter of C type ``base``."""
     return _NUMPY[base]
+
+
+# -- comparing host-kernel results (float64 to 1e-12, float32 to 1e-6, normwise) --
+TOL = {np.float32: 1e-6, np.float64: 1e-12}
+SUFFIX = {np.float32: "f32", np.float64: "f64"}
+
+
+def ptr(a):
+    """Data pointer of a C-contiguous array, or None (NULL) for an unused input."""
+    if a is None:
+        return None
+    assert a.flags.c_contiguous
+    return a.ctypes.data
+
+
+def err(a, b):
+    """Normwise error max|a-b| / max(max|b|, 1)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite value in the kernel's output"
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1.0))
+
+
+def check(what, dt, got, want):
+    e = err(got, want)
+    assert e <= TOL[dt], f"{what} ({np.dtype(dt).name}): error {e:.3g} > {TOL[dt]:g}"

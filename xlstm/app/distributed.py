@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from .errors import InputError, StateError, XlstmError
+from ..errors import InputError, StateError, XlstmError
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -124,7 +124,7 @@ def launch(nproc: int, argv: list[str]) -> int:
 # -- process groups ------------------------------------------------------------------------------
 def setup(backend_name, timeout_s: float):
     """(backend, process group) of this run: ``Single()`` unless torchrun started this process."""
-    from . import backends
+    from .. import backends
 
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")

@@ -25,8 +25,9 @@ import time
 
 import numpy as np
 
-from . import backends, checkpoint, checks, data, distributed
-from .errors import InputError, XlstmError
+from .. import backends, checks
+from . import checkpoint, data, distributed
+from ..errors import InputError, XlstmError
 
 # Defaults of the README's main job: measured on a 2-core CPU to finish in under 3 minutes
 # with a validation loss well below the unigram entropy (see the README).
@@ -202,8 +203,8 @@ def _new_out_dir() -> str:
 # -- the model -------------------------------------------------------------------------------
 def build_model(cfg: dict, vocab_size: int, backend):
     """Embedding -> LSTM -> Dense, seeded from the config's seed."""
-    from .layers import Dense, Embedding, Sequential
-    from .lstm import LSTM
+    from ..layers import Dense, Embedding, Sequential
+    from ..lstm import LSTM
 
     seed, dt = int(cfg["seed"]), cfg["dtype"]
     model = Sequential(
@@ -240,7 +241,7 @@ def load_model(path: str, backend=None, warn=print):
 def eval_sums(model, streams: np.ndarray, seq_len: int) -> tuple[float, int]:
     """(sum of cross-entropies, number of tokens) over streams [B, L]: the parts of a mean that
     several processes, each with some of the streams, add up exactly."""
-    from .losses import cross_entropy
+    from ..losses import cross_entropy
 
     if streams.shape[0] == 0:
         return 0.0, 0
@@ -456,8 +457,8 @@ def train_step(model, opt, x, y, carry, clip: float, group=None, batch=None):
     arrays of the model's backend, and checks of device inputs are queued where
     ``checks.deferred()`` is active; ``read_floats`` reads them at the next log interval.
     """
-    from .losses import cross_entropy
-    from .optim import clip_grad_norm
+    from ..losses import cross_entropy
+    from ..optim import clip_grad_norm
 
     group = group or distributed.Single()
     lstm = lstm_of(model)
@@ -536,7 +537,7 @@ def _run(args, t_start, backend, group) -> int:
     total = cfg["steps"] if cfg["steps"] is not None else max(1, math.ceil(cfg["epochs"] * stream.windows_per_epoch))
     warmup = min(cfg["warmup"], total // 10)     # a short run must not spend itself warming up
 
-    from .optim import Adam, lr_schedule
+    from ..optim import Adam, lr_schedule
 
     model = build_model(cfg, len(vocab), backend)
     lstm = lstm_of(model)

@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 
-from . import backends, checkpoint
-from .errors import InputError
+from .. import backends
+from . import checkpoint
+from ..errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +90,7 @@ def _sample(args) -> int:
 
 
 def _export(args) -> int:
-    from .interop import to_torch_state_dict
+    from ..interop import to_torch_state_dict
     from .train import load_model
 
     if importlib.util.find_spec("torch") is None:
