@@ -32,7 +32,10 @@ def graphed(host_lib, monkeypatch):
     monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
     be = CupyBackend()
     assert be.cuda_graphs and be.graphs_active()
-    return be, fake
+    yield be, fake
+    # a capture that failed falls back to the eager loop: results stay right, so a test would
+    # not notice that its graphs never ran; every capture here must have succeeded
+    assert be.graphs.failure is None, be.graphs.failure
 
 
 def _run(be, dtype, kwargs, use_lengths, seed, T=5, B=3, D=4, H=6, masks=None, model=None, model_seed=1):
@@ -362,6 +365,43 @@ def test_an_error_inside_the_capture_ends_it_and_caches_nothing(graphed):
     assert fake.capturing is None and len(be.graphs) == 0
     be.lstm_forward_sequence(gates, hs, cs, U, 1.0, mask=np.ones((T, B), np.float32))   # still works
     assert len(be.graphs) == 1 and np.all(hs[1:] == 0)
+
+
+@pytest.mark.parametrize("where", ["capture", "first launch"])
+def test_a_failed_capture_warns_once_and_runs_eagerly_bitwise(host_lib, monkeypatch, capfd, where):
+    """A device that refuses the capture (or the captured graph's first launch) does not end
+    the run: the backend says why once, turns graphs off and runs the eager loop, whose results
+    are bitwise those of a backend that never had graphs on."""
+    from support import standin
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True)
+    monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
+    why = "cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing"
+    if where == "capture":
+        real_end = standin._FakeStream.end_capture
+
+        def refuse(self):
+            real_end(self)
+            raise RuntimeError(why)
+        monkeypatch.setattr(standin._FakeStream, "end_capture", refuse)
+    else:
+        def refuse(self, stream=None):
+            raise RuntimeError(why)
+        monkeypatch.setattr(standin._FakeGraph, "launch", refuse)
+    be = CupyBackend()
+    assert be.graphs_active()
+    kwargs = dict(num_layers=2, bidirectional=True, zoneout=0.2)
+    got = [_run(be, "float32", kwargs, True, seed) for seed in (3, 4)]
+    assert not be.cuda_graphs and why in be.graphs.failure and len(be.graphs) == 0
+    assert fake.capturing is None
+    err = capfd.readouterr().err
+    assert err.count("CUDA graph capture failed") == 1 and why in err
+    eager = CupyBackend()
+    eager.cuda_graphs = False
+    for seed, (out, masks, _) in zip((3, 4), got):
+        want, _, _ = _run(eager, "float32", kwargs, True, seed, masks=masks)
+        _assert_bitwise(out, want, f"seed {seed}")
 
 
 # -- precision modes (tf32/bf16 through CublasGemm.gemm_ex) under graph replay ---------------------
