@@ -354,6 +354,7 @@ def make_fake_cupy(lib, counting: bool = False):
             return f
 
     mod = FakeCupy("cupy")
+    mod.__version__ = "14.2.0"                # the first CuPy the persistent kernels accept
     mod.ndarray = np.ndarray
     def asnumpy(a):                           # a host copy, as cupy.asnumpy from a device
         if Dev is not None and isinstance(a, Dev):

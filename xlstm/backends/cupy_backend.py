@@ -200,6 +200,7 @@ class CupyBackend(Backend):
         """``{name}_{f32|f64}`` of the persistent source, from its cooperative module."""
         from ..kernels import DTYPE_SUFFIX, PERSISTENT_SOURCE, kernel_source
 
+        _persistent.require_cupy(self.xp.__version__)
         dev = self.xp.cuda.runtime.getDevice()
         key = (dev, f"{name}_{DTYPE_SUFFIX[np.dtype(dtype).name]}")
         k = self._kernels.get(key)
