@@ -19,7 +19,7 @@ import pytest
 
 import xlstm
 from support.compare import CONFIG_IDS, CONFIGS, compare_models
-from support.standin import install_fakes
+from support.standin import CaptureViolation, install_fakes
 from xlstm.backends import cupy_unavailable_reason
 
 
@@ -223,13 +223,44 @@ def test_nothing_in_the_capture_synchronises_or_allocates(graphed):
     stream = fake.module.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        with pytest.raises(RuntimeError, match="synchronize"):
+        with pytest.raises(CaptureViolation, match="synchronize"):
             be.synchronize()
-        with pytest.raises(AssertionError, match="allocates"):
+        with pytest.raises(CaptureViolation, match="allocation"):
             fake.module.empty(3)
         with pytest.raises(NotImplementedError):
             fake.module.cublas.gemm("N", "N", np.ones((1, 1)), np.ones((1, 1)), out=np.ones((1, 1)))
         stream.end_capture()
+
+
+def test_the_stand_in_refuses_every_other_cupy_op_inside_a_capture(graphed):
+    """Real CUDA records a copy, fill or elementwise kernel issued during capture; the stand-in
+    would run it at once on the host and drop it from the replay. So it refuses each one (a
+    BaseException, which the backend's capture fallback cannot swallow), and outside a capture
+    the same ops run."""
+    be, fake = graphed
+    cp = fake.module
+    a, b = cp.zeros((4, 3), np.float32), cp.ones((4, 3), np.float32)
+    ops = {"setitem": lambda: a.__setitem__(0, 1.0), "slice assignment": lambda: a.__setitem__(..., b),
+           "+=": lambda: a.__iadd__(b), "ufunc": lambda: cp.tanh(a, out=a), "binary op": lambda: a + b,
+           "reduction": lambda: a.sum(), "copy": lambda: a.copy(), "astype": lambda: a.astype(np.float64),
+           "fill": lambda: a.fill(2.0), "gather": lambda: a[np.array([0, 2])], "where": lambda: cp.where(a > 0, a, b),
+           "allocation": lambda: cp.empty_like(a), "asarray": lambda: cp.asarray(np.ones(3)),
+           "host read": lambda: float(a[0, 0]), "asnumpy": lambda: cp.asnumpy(a),
+           "array function": lambda: np.concatenate([a, b])}
+    stream = cp.cuda.Stream(non_blocking=True)
+    for what, op in ops.items():
+        with stream:
+            stream.begin_capture()
+            try:
+                with pytest.raises(CaptureViolation, match="during stream capture"):
+                    op()
+            finally:
+                stream.end_capture()
+        assert not np.any(np.isnan(np.asarray(a))), what
+    view = a[1:3]                               # views and the address are no ops
+    assert view.data.ptr == a.data.ptr + 3 * 4
+    for what, op in ops.items():                # outside a capture each one runs
+        op()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -237,12 +268,13 @@ def test_cublas_gemm_layouts(graphed, dtype):
     """CublasGemm's row-major mapping (op flags, dimensions, leading dimensions) against NumPy,
     for C- and F-contiguous operands, through the column-major stand-in of cuBLAS."""
     be, fake = graphed
+    dev = fake.module.asarray
     rng = np.random.default_rng(0)
     for m, k, n in ((3, 4, 5), (1, 6, 2), (4, 1, 3), (2, 3, 1)):
         a0, b0 = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
-        for a in (a0, np.asfortranarray(a0)):
-            for b in (b0, np.asfortranarray(b0)):
-                out = rng.standard_normal((m, n)).astype(dtype)
+        for a in (dev(a0), dev(np.asfortranarray(a0))):
+            for b in (dev(b0), dev(np.asfortranarray(b0))):
+                out = dev(rng.standard_normal((m, n)).astype(dtype))
                 want = out.astype(np.float64) + a0.astype(np.float64) @ b0.astype(np.float64)
                 be.matmul_add(a, b, out)
                 assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (m, k, n, a.flags.f_contiguous)

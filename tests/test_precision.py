@@ -345,18 +345,19 @@ def test_cupy_gemmex_layouts_match_numpy_emulation(host_cupy, mode):
     be, fake, calls = host_cupy
     ref = resolve("numpy")
     rng = np.random.default_rng(6)
-    a = rng.standard_normal((5, 12)).astype(np.float32)
-    b = rng.standard_normal((12, 9)).astype(np.float32)
-    at = np.ascontiguousarray(a.T).T                 # F-contiguous: a transposed view
-    bt = np.ascontiguousarray(b.T).T
-    want = ref.matmul(a, b, precision=mode)
+    dev = fake.module.asarray
+    a = dev(rng.standard_normal((5, 12)).astype(np.float32))
+    b = dev(rng.standard_normal((12, 9)).astype(np.float32))
+    at = dev(np.ascontiguousarray(a.T)).T            # F-contiguous: a transposed view
+    bt = dev(np.ascontiguousarray(b.T)).T
+    want = ref.matmul(np.asarray(a), np.asarray(b), precision=mode)
     for A in (a, at):
         for Bm in (b, bt, be.gemm_operand(b, mode), be.gemm_operand(bt, mode)):
             np.testing.assert_allclose(be.matmul(A, Bm, precision=mode), want, rtol=2e-6, atol=1e-6)
-    out = np.ones((5, 9), np.float32)
+    out = dev(np.ones((5, 9), np.float32))
     be.matmul_add(at, bt, out, mode)
     np.testing.assert_allclose(out, 1 + want, rtol=2e-6, atol=1e-6)
-    wide = np.ones((5, 18), np.float32)              # a non-contiguous output (every other column)
+    wide = dev(np.ones((5, 18), np.float32))         # a non-contiguous output (every other column)
     be.matmul_add(a, b, wide[:, ::2], mode)
     np.testing.assert_allclose(wide[:, ::2], 1 + want, rtol=2e-6, atol=1e-6)
     assert (wide[:, 1::2] == 1).all()
