@@ -26,7 +26,7 @@ import sys
 if __package__ in (None, ""):                 # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xlstm.bench import _fmt, _ratio  # noqa: E402
+from xlstm.bench.report import fmt as _fmt, ratio as _ratio  # noqa: E402
 
 
 def _read(folder, name):

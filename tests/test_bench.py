@@ -66,7 +66,7 @@ def test_a_wrong_result_is_caught_before_timing(tmp_path, monkeypatch, capsys, n
 
     monkeypatch.setattr(NumpyBackend, "lstm_forward_sequence", wrong)
     timed = []
-    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(bench.cells, "time_interleaved", lambda *a, **k: timed.append(1))
     assert _run(tmp_path, *(["--no-torch"] if no_torch else [])) == 1
     assert "results disagree" in capsys.readouterr().err
     assert not timed
@@ -241,7 +241,7 @@ def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
     """The second backend of a cell is checked against what the first computed in its check;
     with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
     step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
     rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
                      "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                      "--no-memory", "--out", str(tmp_path), "--name", "two"])
@@ -307,7 +307,7 @@ def test_layer_norm_cells_are_checked_against_the_numpy_backend_in_float64(tmp_p
             h = a[8]
             h *= 1.01                   # h, in place: a 1% error in every output
 
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [WrongLN()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [WrongLN()])
     assert bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                        "--layer-norm", "--out", str(tmp_path), "--name", "ln2"]) == 1

@@ -358,7 +358,10 @@ def test_scalars_select_the_graph(graphed):
 
 
 def test_bench_reports_the_first_call_and_graph_memory(graphed, monkeypatch):
+    import argparse
+
     from xlstm import bench
+    from xlstm.bench.machine import cupy_first_call
 
     be, _ = graphed
     used = [0]
@@ -372,15 +375,15 @@ def test_bench_reports_the_first_call_and_graph_memory(graphed, monkeypatch):
         m.backward(np.ones_like(y))
         used[0] += 1 << 20
 
-    first = bench.cupy_first_call(be, step)
+    first = cupy_first_call(be, step)
     assert first["cuda_graphs"] == "on" and first["graph_capture_s"] > 0
     assert first["graph_mb"] == be.graphs.stats()["bytes"] / 2 ** 20 > 0
     assert first["pool_growth_mb"] == 1.0 and first["first_step_ms"] > 0
-    again = bench.cupy_first_call(be, step)                     # replayed: nothing new
+    again = cupy_first_call(be, step)                     # replayed: nothing new
     assert again["graph_mb"] == 0 and again["graph_capture_s"] == 0
     be.cuda_graphs = False
-    assert bench.cupy_first_call(be, step)["cuda_graphs"] == "off"
-    args = bench.argparse.ArgumentParser()
+    assert cupy_first_call(be, step)["cuda_graphs"] == "off"
+    args = argparse.ArgumentParser()
     bench.add_arguments(args)
     assert args.parse_args(["--cuda-graphs", "off"]).cuda_graphs == "off"
     assert args.parse_args([]).cuda_graphs is None
@@ -601,7 +604,7 @@ def _stand_in_bench(graphed, monkeypatch, tmp_path, *options, hidden="6", seq_le
     be, _ = graphed
     monkeypatch.setattr(be.xp, "get_default_memory_pool",
                         lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [be])
     assert bench.main(["--hidden", hidden, "--seq-len", seq_len, "--batch", "2", "--layers", "1", "--repeat", "2",
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                        "--no-memory", *options, "--out", str(tmp_path), "--name", "b"]) == 0

@@ -112,9 +112,9 @@ def test_report_from_real_cpu_runs(tmp_path, monkeypatch, gr):
     grid = ["--hidden", "8", "--seq-len", "3,4", "--batch", "2", "--layers", "1", "--repeat", "2",
             "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
             "--no-memory", "--no-torch", "--out", str(tmp_path)]
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [_SecondNumpy()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [_SecondNumpy()])
     assert bench.main(grid + ["--name", "gpu"]) == 0
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [NumpyBackend(), _SecondNumpy()])
     assert bench.main(grid + ["--name", "numpy"]) == 0
     assert gr.main([str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
