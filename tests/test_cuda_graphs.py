@@ -584,6 +584,53 @@ def test_bench_floor_is_captured_like_the_layer(graphed, precision, tol):
     assert len(fake.launched) == 4          # two replayed calls x (forward, backward)
 
 
+def test_bench_floor_graph_keeps_the_bf16_scratch_it_baked_in(graphed):
+    """The captured floor's cast kernels write the bf16 left operand into the backend's scratch,
+    whose address the graph holds; the backend's cache may drop that scratch (``_tmp`` clears
+    itself past 64 shapes). The floor's graph entry must keep it alive, so the replays still
+    compute the products."""
+    import gc
+    import weakref
+
+    from xlstm import bench
+
+    be, fake = graphed
+    T, B, D, H = 3, 2, 3, 5
+    f = bench.GemmFloor(be.xp, T, B, D, H, 1, np.dtype("float32"), seed=0, backend=be, precision="bf16")
+    f.step()                                   # eager run + capture
+    assert f.captured
+    refs = [weakref.ref(v) for k, v in be._scratch.items()
+            if k[0] == be._mixed().SCRATCH_A and k[1] in ((B, H), (B, 4 * H))]
+    assert len(refs) == 2                      # the per-step left operands: [B,H] forward, [B,4H] backward
+    be._scratch.clear()
+    gc.collect()
+    assert all(r() is not None for r in refs), "the graph's scratch was freed under it"
+    L = f.layers[0]
+    x2, W, U, hs = (np.array(L[k], np.float64) for k in ("x2", "W", "U", "hs"))
+    want = (x2 @ W).reshape(T, B, 4 * H) + hs[:T] @ U
+    f.step()                                   # a replay
+    assert np.max(np.abs(np.array(L["gates"], np.float64) - want)) <= 2e-2 * np.max(np.abs(want))
+
+
+def test_bench_floor_stays_eager_when_its_capture_fails(graphed, monkeypatch):
+    from support import standin
+    from xlstm import bench
+
+    be, fake = graphed
+
+    real_end = standin._FakeStream.end_capture
+
+    def refuse(self):
+        real_end(self)
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+    monkeypatch.setattr(standin._FakeStream, "end_capture", refuse)
+    f = bench.GemmFloor(be.xp, 3, 2, 3, 4, 1, np.dtype("float32"), seed=0, backend=be)
+    f.step()
+    f.step()
+    assert not f.captured and "cudaErrorStreamCaptureUnsupported" in f.capture_failure
+    assert fake.launched == []
+
+
 def test_bench_floor_runs_eagerly_when_graphs_are_off(graphed):
     from xlstm import bench
 

@@ -26,7 +26,8 @@ so that load from elsewhere hits every contender alike:
 Before any timing each cell is checked: the layer's outputs, input gradients and weight
 gradients must match torch's (or the readable reference in ``xlstm/cell.py`` when torch is
 missing; ``--layer-norm``: the NumPy backend in float64), and the CuPy backend must match the
-NumPy backend. A mismatch stops the run (the cells done so far stay on disk).
+NumPy backend. A mismatch is not timed: its row says "failed" and why, the other cells run,
+and the command exits 1.
 
 Cells run cheapest first; a cell whose estimated time exceeds ``--max-cell-seconds`` or
 what is left of ``--budget`` is skipped and listed as such; a cell the backend refuses (a

@@ -30,7 +30,8 @@ class GemmFloor:
         self.backend, self.precision = backend, precision
         self.layer_like = getattr(backend, "name", None) == "cupy"
         self.captured = self.layer_like and bool(getattr(backend, "graphs_active", lambda: False)())
-        self.graphs = {}
+        self.graphs = {}              # (layer, direction) -> (graph, the scratch it must keep alive)
+        self.capture_failure = None
         if self.layer_like:
             self.mm = lambda a, b, out: backend.matmul(a, b, out=out, precision=precision)
             self.operand = lambda a: backend.gemm_operand(a, precision)
@@ -73,18 +74,27 @@ class GemmFloor:
             if n > 1:
                 ctl[1](n)
 
-    def _replayed(self, key, loop):
+    def _replayed(self, key, loop, op, gates):
         """``loop()`` once, as its graph: the first call runs it eagerly (so handles, scratch and
         kernels exist: capture must not allocate) and captures it without running it; later
-        calls replay the graph."""
-        g = self.graphs.get(key)
-        if g is None:
-            from ..backends.cuda_graphs import capture
+        calls replay the graph.
+
+        The graph has the addresses of the backend's scratch baked in (bf16: the cast left
+        operand), which the backend's own cache may drop at any time: ``prepare_capture`` names
+        them (as for the layer's graphs) and the entry keeps them alive. A capture the device
+        refuses leaves the floor eager (``captured`` False), as the layer's loops would be."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            from ..backends.cuda_graphs import CaptureFailed, capture
 
             loop()
-            self.graphs[key] = capture(self.xp, loop)
+            keep = self.backend.prepare_capture(op, {"gates": gates, "precision": self.precision})
+            try:
+                self.graphs[key] = (capture(self.xp, loop), keep)
+            except CaptureFailed as e:
+                self.captured, self.capture_failure = False, str(e)
             return
-        g.launch(self.xp.cuda.get_current_stream())
+        entry[0].launch(self.xp.cuda.get_current_stream())
 
     def _weights(self, L, name, make):
         """The per-call weight operand; with graphs the one captured (stable address)."""
@@ -112,7 +122,7 @@ class GemmFloor:
                     for t in range(T):
                         mm(hs[t], U, tmp)
             if self.captured:
-                self._replayed((k, "forward"), loop)
+                self._replayed((k, "forward"), loop, "lstm_forward_sequence", gates)
             else:
                 self._loop(loop)
 
@@ -138,7 +148,7 @@ class GemmFloor:
                     for t in range(T - 1, -1, -1):
                         mm(dz[t], UT, dh)
             if self.captured:
-                self._replayed((k, "backward"), loop)
+                self._replayed((k, "backward"), loop, "lstm_backward_sequence", dz)
             else:
                 self._loop(loop)
             dz2 = dz.reshape(-1, dz.shape[2])
