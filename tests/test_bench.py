@@ -333,3 +333,71 @@ def test_layer_norm_cells_are_checked_against_the_numpy_backend_in_float64(tmp_p
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                        "--layer-norm", "--out", str(tmp_path), "--name", "ln2"]) == 1
     assert "results disagree" in capsys.readouterr().err
+
+
+# -- where a run writes, and its figure -------------------------------------------------------------
+def test_bench_writes_into_a_new_run_folder_not_beside_committed_results(tmp_path):
+    """A clone must not turn dirty: without --out the files go to runs/bench-NNN under the
+    current directory (a fresh one per run), never to benchmarks/results/."""
+    from support.cli import xlstm as run_xlstm
+
+    opts = ["bench", "--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "1",
+            "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot", "--no-memory",
+            "--no-torch"]
+    for n in (1, 2):
+        r = run_xlstm(*opts, check=0, cwd=tmp_path)
+        run = tmp_path / "runs" / f"bench-{n:03d}"
+        assert (run / "bench-numpy.json").exists() and (run / "bench-numpy.csv").exists(), r.stdout
+        assert str(run.relative_to(tmp_path)) in r.stdout
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def _plot_rows(layers=(1,), Hs=(64, 256, 1024)):
+    from xlstm.bench.report import COLUMNS
+
+    rows = []
+    for L in layers:
+        for H in Hs:
+            for T in (16, 64):
+                r = dict.fromkeys(COLUMNS)
+                r.update(backend="numpy", H=H, T=T, B=32, layers=L, dtype="float32", status="ok",
+                         step_ms=H * T * L / 100, floor_step_ms=H * T * L / 150, torch_step_ms=H * T * L / 120,
+                         step_over_floor=1.5, step_over_torch=1.2)
+                rows.append(r)
+    return {"meta": {}, "rows": rows}
+
+
+def test_plot_labels_the_h_axis_with_the_measured_sizes_only():
+    """Log-scaled H axes carry plain integer labels at the measured sizes: matplotlib's own
+    minor labels (6x10^1 beside 64) overlapped them."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from xlstm.bench.report import figure
+
+    fig = figure(_plot_rows())
+    fig.canvas.draw()
+    try:
+        for ax in fig.axes:
+            major = [t.get_text() for t in ax.get_xticklabels()]
+            minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+            assert major == ["64", "256", "1024"] and minor == [], (ax.get_title(), major, minor)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_draws_a_panel_for_every_layer_count():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from xlstm.bench.report import figure
+
+    fig = figure(_plot_rows(layers=(1, 2)))
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert sum("2 layers" in t for t in titles) == 4 and sum("1 layer" in t for t in titles) == 4, titles
+        two = next(ax for ax in fig.axes if ax.get_title().startswith("T=64, 2 layers"))
+        xlstm_line = next(ln for ln in two.get_lines() if ln.get_label() == "xlstm numpy")
+        assert list(xlstm_line.get_ydata()) == [H * 64 * 2 / 100 for H in (64, 256, 1024)]
+    finally:
+        plt.close(fig)

@@ -32,7 +32,8 @@ and the command exits 1.
 Cells run cheapest first; a cell whose estimated time exceeds ``--max-cell-seconds`` or
 what is left of ``--budget`` is skipped and listed as such; a cell the backend refuses (a
 forced path that does not fit) is an error row. Results go to stdout (a table with the
-ratios) and to ``--out`` as JSON, CSV and (with matplotlib) a PNG figure; the JSON and CSV
+ratios) and to ``--out`` (default: a new ``runs/bench-NNN`` folder under the current
+directory) as JSON, CSV and (with matplotlib) a PNG figure, one pair of panel rows per layer count; the JSON and CSV
 are rewritten after every cell (``meta.partial`` until the run ends).
 """
 from .cells import (PRECISION_TOLERANCE, TOLERANCE, BenchCheckError, Cell, CellRunner, Contender,

@@ -82,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persistent", choices=("auto", "on", "off"), default=None,
                         help="CuPy: force the persistent kernels (on), the per-step kernels (off), or "
                              "let the crossover table pick (auto); default XLSTM_PERSISTENT, else off")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for JSON/CSV/PNG")
+    parser.add_argument("--out", default=None,
+                        help="folder for JSON/CSV/PNG (default: a new run folder runs/bench-NNN under the "
+                             "current directory)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default bench-<backends>[-quick])")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,6 +110,16 @@ def _warm_up_process(backends, args, torch):
             print(f"xlstm bench: warm-up of {be.name} refused ({type(e).__name__}: {e})", file=sys.stderr)
 
 
+def new_run_dir() -> str:
+    """runs/bench-NNN under the current directory, the first that does not exist yet: a run never
+    writes beside committed results or over an earlier run."""
+    for i in range(1, 10_000):
+        d = os.path.join("runs", f"bench-{i:03d}")
+        if not os.path.exists(d):
+            return d
+    raise InputError("runs/ has 9999 bench runs; pass --out DIR")
+
+
 def _resolve_backends(spec: str):
     from xlstm.backends import available_backends, resolve
 
@@ -130,8 +142,13 @@ def _apply_threads(n, torch):
 
 
 def run(args) -> int:
+    """The dispatch point: ``--load`` prints saved results; otherwise the grid is run."""
     if args.load:
         return _run_load(args)
+    return _run_grid(args)
+
+
+def _run_grid(args) -> int:
     if getattr(args, "precision", "float32") != "float32" and args.dtype != "float32":
         raise InputError(f"--precision {args.precision} rounds float32 GEMM operands, so it needs --dtype float32 "
                          f"(got --dtype {args.dtype})")
@@ -166,6 +183,7 @@ def run(args) -> int:
           f"{args.dtype}, precision {args.precision}, torch {'off' if torch is None else torch.__version__}; budget {args.budget:g} s, "
           f"cells over {args.max_cell_seconds:g} s skipped", file=sys.stderr)
     stem = args.name or ("bench-" + "-".join(b.name for b in backends) + ("-quick" if quick else ""))
+    args.out = args.out or new_run_dir()
     planner = Planner(args)
     bar = _progress(len(cells) * len(backends), not args.no_progress)
     rows, numpy_host, failed = [], {}, []
@@ -257,7 +275,7 @@ def _run_load(args) -> int:
         machine.update(m.get("machine", {}))
     result = {"meta": {"merged_from": list(args.load), "machine": machine, "runs": metas}, "rows": rows}
     if args.name:                       # --name STEM: write the merged JSON/CSV (and PNG)
-        paths = write_outputs(result, args.out, args.name, plot=not args.no_plot)
+        paths = write_outputs(result, args.out or new_run_dir(), args.name, plot=not args.no_plot)
         print("\nwrote " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 

@@ -152,72 +152,100 @@ def write_outputs(result: dict, out_dir: str, stem: str, plot: bool = True) -> d
 
 
 def plot_results(result: dict, path: str) -> str | None:
-    """Time vs H per T (each backend, torch and the floor), and ratios/speedups below.
+    """The figure (``figure``) as a PNG at ``path``.
 
     Returns None when written, or why not (matplotlib missing, nothing to plot)."""
     try:
         import matplotlib
-        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'xlstm[plot]')"
+    fig = figure(result)
+    if fig is None:
+        return "no timed cells"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _h_axis(ax, Hs) -> None:
+    """Log-scaled H with plain integer labels at the measured sizes only: matplotlib's own log
+    ticks would add minor labels (6x10^1 beside 64) that overlap the measured ones."""
+    import matplotlib.ticker as mt
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(mt.FixedLocator(Hs))
+    ax.xaxis.set_major_formatter(mt.FixedFormatter([str(h) for h in Hs]))
+    ax.xaxis.set_minor_locator(mt.NullLocator())
+    ax.xaxis.set_minor_formatter(mt.NullFormatter())
+
+
+def figure(result: dict):
+    """Time vs H per T (each backend, torch and the floor) and the ratios below it, one pair of
+    rows of panels per layer count; None when no cell was timed. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker as mt
+
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     if not rows:
-        return "no timed cells"
+        return None
     Ts = sorted({r["T"] for r in rows})
-    layers = min(r["layers"] for r in rows)
+    layer_counts = sorted({r["layers"] for r in rows})
     batches = sorted({r["B"] for r in rows})
-    fig, axes = plt.subplots(2, len(Ts), figsize=(5 * len(Ts), 8.5), squeeze=False)
+    fig, axes = plt.subplots(2 * len(layer_counts), len(Ts), figsize=(5 * len(Ts), 8.5 * len(layer_counts)),
+                             squeeze=False)
     colors = {"numpy": "tab:blue", "cupy": "tab:green"}
-    for j, T in enumerate(Ts):
-        ax, ax2 = axes[0][j], axes[1][j]
-        for B in batches:
-            sel = [r for r in rows if r["T"] == T and r["layers"] == layers and r["B"] == B]
-            sfx = f" B={B}" if len(batches) > 1 else ""
-            ls = "-" if B == batches[0] else ":"
-            for be in ("numpy", "cupy"):
-                rs = sorted((r for r in sel if r["backend"] == be), key=lambda r: r["H"])
-                if not rs:
-                    continue
-                Hs = [r["H"] for r in rs]
-                dev = "GPU" if be == "cupy" else "CPU"
-                ax.plot(Hs, [r["step_ms"] for r in rs], ls, marker="o", color=colors[be], label=f"xlstm {be}{sfx}")
-                ax.plot(Hs, [r["floor_step_ms"] for r in rs], ls, marker=".", color=colors[be], alpha=0.45,
-                        label=f"GEMM floor {dev}{sfx}")
-                tr = [(r["H"], r["torch_step_ms"]) for r in rs if r["torch_step_ms"]]
-                if tr:
-                    ax.plot(*zip(*tr), ls, marker="s", color="tab:red" if be == "numpy" else "tab:purple",
-                            label=f"torch {'CPU' if be == 'numpy' else 'cuDNN'}{sfx}")
-                ax2.plot(Hs, [r["step_over_floor"] for r in rs], ls, marker=".", color=colors[be],
-                         alpha=0.45, label=f"{be} step / floor{sfx}")
-                rt = [(r["H"], r["step_over_torch"]) for r in rs if r["step_over_torch"]]
-                if rt:
-                    ax2.plot(*zip(*rt), ls, marker="s", color=colors[be], label=f"{be} / torch{sfx}")
-                sp = [(r["H"], r["speedup_vs_numpy"]) for r in rs if r.get("speedup_vs_numpy")]
-                if sp:
-                    ax2.plot(*zip(*sp), ls, marker="^", color="black", label=f"CuPy speedup over NumPy{sfx}")
-        ax.set(xscale="log", yscale="log", xlabel="hidden size H (input = H)", ylabel="training step (ms)",
-               title=f"T={T}, {layers} layer{'s' if layers > 1 else ''}, {rows[0]['dtype']}")
-        ax.set_xticks(sorted({r['H'] for r in rows}))
-        ax.set_xticklabels([str(h) for h in sorted({r['H'] for r in rows})])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        ax2.axhline(1.0, color="gray", lw=0.8)
-        ax2.set(xscale="log", yscale="log", xlabel="hidden size H", ylabel="ratio (x)",
-                title="ratios" + ("" if any(r.get("speedup_vs_numpy") for r in rows)
-                                  else " (no CuPy results in this run)"))
-        ax2.set_xticks(sorted({r['H'] for r in rows}))
-        ax2.set_xticklabels([str(h) for h in sorted({r['H'] for r in rows})])
-        ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax2.grid(True, which="both", alpha=0.3)
-        ax2.legend(fontsize=7)
+    for i, layers in enumerate(layer_counts):
+        for j, T in enumerate(Ts):
+            ax, ax2 = axes[2 * i][j], axes[2 * i + 1][j]
+            Hs = sorted({r["H"] for r in rows if r["layers"] == layers and r["T"] == T})
+            for B in batches:
+                sel = [r for r in rows if r["T"] == T and r["layers"] == layers and r["B"] == B]
+                sfx = f" B={B}" if len(batches) > 1 else ""
+                ls = "-" if B == batches[0] else ":"
+                for be in ("numpy", "cupy"):
+                    rs = sorted((r for r in sel if r["backend"] == be), key=lambda r: r["H"])
+                    if not rs:
+                        continue
+                    hs = [r["H"] for r in rs]
+                    dev = "GPU" if be == "cupy" else "CPU"
+                    ax.plot(hs, [r["step_ms"] for r in rs], ls, marker="o", color=colors[be],
+                            label=f"xlstm {be}{sfx}")
+                    ax.plot(hs, [r["floor_step_ms"] for r in rs], ls, marker=".", color=colors[be], alpha=0.45,
+                            label=f"GEMM floor {dev}{sfx}")
+                    tr = [(r["H"], r["torch_step_ms"]) for r in rs if r["torch_step_ms"]]
+                    if tr:
+                        ax.plot(*zip(*tr), ls, marker="s", color="tab:red" if be == "numpy" else "tab:purple",
+                                label=f"torch {'CPU' if be == 'numpy' else 'cuDNN'}{sfx}")
+                    ax2.plot(hs, [r["step_over_floor"] for r in rs], ls, marker=".", color=colors[be],
+                             alpha=0.45, label=f"{be} step / floor{sfx}")
+                    rt = [(r["H"], r["step_over_torch"]) for r in rs if r["step_over_torch"]]
+                    if rt:
+                        ax2.plot(*zip(*rt), ls, marker="s", color=colors[be], label=f"{be} / torch{sfx}")
+                    sp = [(r["H"], r["speedup_vs_numpy"]) for r in rs if r.get("speedup_vs_numpy")]
+                    if sp:
+                        ax2.plot(*zip(*sp), ls, marker="^", color="black", label=f"CuPy speedup over NumPy{sfx}")
+            ax.set(yscale="log", xlabel="hidden size H (input = H)", ylabel="training step (ms)",
+                   title=f"T={T}, {layers} layer{'s' if layers > 1 else ''}, {rows[0]['dtype']}")
+            ax2.axhline(1.0, color="gray", lw=0.8)
+            ax2.set(yscale="log", xlabel="hidden size H", ylabel="ratio (x)",
+                    title=f"ratios, {layers} layer{'s' if layers > 1 else ''}"
+                    + ("" if any(r.get("speedup_vs_numpy") for r in rows) else " (no CuPy results in this run)"))
+            ax2.yaxis.set_major_formatter(mt.FormatStrFormatter("%g"))
+            ax2.yaxis.set_minor_formatter(mt.FormatStrFormatter("%g"))
+            for a in (ax, ax2):
+                if Hs:
+                    _h_axis(a, Hs)
+                a.grid(True, which="both", alpha=0.3)
+                if a.get_legend_handles_labels()[0]:
+                    a.legend(fontsize=7)
     m = result.get("meta", {})
     fig.suptitle(f"xlstm bench: {m.get('machine', {}).get('cpu', '')} "
                  f"{('/ ' + m['machine']['gpu']) if m.get('machine', {}).get('gpu') else ''}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig
