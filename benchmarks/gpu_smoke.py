@@ -62,14 +62,7 @@ def machine_text(root: str) -> str:
         lines.append(f"cupy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}")
     except Exception as e:
         lines.append(f"cupy: not usable ({type(e).__name__}: {e})")
-    try:
-        import torch
-
-        lines.append(f"torch {torch.__version__}, cuda {torch.version.cuda}, cudnn "
-                     f"{torch.backends.cudnn.version() if torch.cuda.is_available() else '-'}, "
-                     f"cuda available {torch.cuda.is_available()}")
-    except Exception as e:
-        lines.append(f"torch: not usable ({type(e).__name__}: {e})")
+    # torch is not imported here (seconds of the 15): the bench steps record its CUDA and cuDNN
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,9 @@
 
 ``make_fake_cupy(lib)`` returns a module object whose ``RawModule`` launches the host twins of the
 kernels (``support/kernels_host_shim.cpp``) after checking each launch against the kernel's C
-signature, and whose arrays are NumPy's. Its streams capture launches and GEMMs (with the
-addresses they were given) for ``Graph.launch`` to replay. ``make_fake_nvmath`` stands in for
+signature, and whose arrays are an ndarray subclass exposing ``.data.ptr`` as cupy's do. Its
+streams capture launches and GEMMs (with the addresses they were given) for ``Graph.launch`` to
+replay; any other cupy operation inside a capture raises ``CaptureViolation``. ``make_fake_nvmath`` stands in for
 ``nvmath.bindings.cublas``. ``install_fakes`` puts both in ``sys.modules``; the fixtures of
 ``tests/conftest.py`` (``host_lib``, ``emulated``, ``standin``) are the way tests reach it.
 """

@@ -36,6 +36,9 @@ ratios) and to ``--out`` (default: a new ``runs/bench-NNN`` folder under the cur
 directory) as JSON, CSV and (with matplotlib) a PNG figure, one pair of panel rows per layer count; the JSON and CSV
 are rewritten after every cell (``meta.partial`` until the run ends).
 """
+# modules: machine (what ran where, memory, CuPy's first call), floor (the GEMM floor), cells (a
+# cell's models, check and timed contenders), timing (interleaving, planner), report (tables,
+# JSON/CSV/PNG and the readers other tools use), cli (arguments and the run)
 from .cells import (PRECISION_TOLERANCE, TOLERANCE, BenchCheckError, Cell, CellRunner, Contender,
                     bench_cell, layer_norm_reference_step, reference_step)
 from .cli import add_arguments, main, run
