@@ -136,13 +136,24 @@ def test_failed_smoke_checks_set_the_later_parts_environment(host_lib, tmp_path)
 
 
 def test_a_step_past_its_cap_is_killed_with_what_it_started(tmp_path):
+    import time
+
     log = tmp_path / "log.txt"
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
-           "print('started', flush=True); time.sleep(60)"
+    code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "print('child', c.pid, flush=True); time.sleep(60)"
+    t0 = time.monotonic()
     rc, timed_out = gpu_session.run_process([sys.executable, "-c", code], dict(os.environ), 2, str(log))
-    assert timed_out and rc != 0 and "started" in log.read_text()
-    r = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True)
-    assert str(os.getpid()) not in r.stdout.split() and r.stdout.strip() == "", r.stdout
+    assert timed_out and rc != 0 and time.monotonic() - t0 < 20
+    child = int(next(s for s in log.read_text().splitlines() if s.startswith("child")).split()[1])
+    for _ in range(50):                 # the grandchild too (reaped by init once killed)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail(f"process {child}, started by the step, outlived its cap")
 
 
 def test_steps_that_the_budget_cannot_hold_are_skipped_and_the_report_still_written(tmp_path, capsys):
