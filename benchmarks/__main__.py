@@ -1,4 +1,4 @@
-"""``python -m benchmarks [options]``: the same as ``xlstm bench [options]`` (see ``xlstm/bench.py``)."""
+"""``python -m benchmarks [options]``: the same as ``xlstm bench [options]`` (see ``xlstm/bench/``)."""
 import sys
 
 from xlstm.bench import main

@@ -66,14 +66,35 @@ def test_a_wrong_result_is_caught_before_timing(tmp_path, monkeypatch, capsys, n
 
     monkeypatch.setattr(NumpyBackend, "lstm_forward_sequence", wrong)
     timed = []
-    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(bench.cells, "time_interleaved", lambda *a, **k: timed.append(1))
     assert _run(tmp_path, *(["--no-torch"] if no_torch else [])) == 1
     assert "results disagree" in capsys.readouterr().err
     assert not timed
-    # what was done is kept (a GPU session reads it), marked as a failed, partial run
+    # every cell says why it was not timed; the run says it failed (exit 1, meta.check_failed)
     res = json.loads((tmp_path / "tiny.json").read_text())
-    assert res["meta"]["partial"] and "results disagree" in res["meta"]["check_failed"]
-    assert all(r["status"] == "ok" for r in res["rows"]) and len(res["rows"]) < 2
+    assert [r["status"] for r in res["rows"]] == ["failed", "failed"]
+    assert all("results disagree" in r["note"] and r["step_ms"] is None for r in res["rows"])
+    assert len(res["meta"]["check_failed"]) == 2 and not res["meta"].get("partial")
+
+
+def test_one_failed_check_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    """A cell whose results disagree (the bf16 check against cuDNN autocast is the likeliest)
+    is a failed row; the cells after it are still checked and timed."""
+    real = NumpyBackend.lstm_forward_sequence
+
+    def wrong_at_T3(self, gates, hs, *args, **kw):
+        real(self, gates, hs, *args, **kw)
+        if gates.shape[0] == 3:
+            hs[1:] *= 1.01
+
+    monkeypatch.setattr(NumpyBackend, "lstm_forward_sequence", wrong_at_T3)
+    assert bench.main(["--hidden", "8", "--seq-len", "3,5", "--batch", "2", "--layers", "1", "--repeat", "2",
+                       "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
+                       "--no-torch", "--no-memory", "--out", str(tmp_path), "--name", "f"]) == 1
+    rows = {r["T"]: r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
+    assert rows[3]["status"] == "failed" and "results disagree" in rows[3]["note"]
+    assert rows[5]["status"] == "ok" and rows[5]["step_ms"] > 0
+    assert "1 cell(s) failed their check" in capsys.readouterr().err
 
 
 def test_check_compares_gradients_too(monkeypatch):
@@ -241,7 +262,7 @@ def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
     """The second backend of a cell is checked against what the first computed in its check;
     with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
     step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
     rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
                      "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                      "--no-memory", "--out", str(tmp_path), "--name", "two"])
@@ -307,8 +328,76 @@ def test_layer_norm_cells_are_checked_against_the_numpy_backend_in_float64(tmp_p
             h = a[8]
             h *= 1.01                   # h, in place: a 1% error in every output
 
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [WrongLN()])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [WrongLN()])
     assert bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "2",
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                        "--layer-norm", "--out", str(tmp_path), "--name", "ln2"]) == 1
     assert "results disagree" in capsys.readouterr().err
+
+
+# -- where a run writes, and its figure -------------------------------------------------------------
+def test_bench_writes_into_a_new_run_folder_not_beside_committed_results(tmp_path):
+    """A clone must not turn dirty: without --out the files go to runs/bench-NNN under the
+    current directory (a fresh one per run), never to benchmarks/results/."""
+    from support.cli import xlstm as run_xlstm
+
+    opts = ["bench", "--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "1",
+            "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot", "--no-memory",
+            "--no-torch"]
+    for n in (1, 2):
+        r = run_xlstm(*opts, check=0, cwd=tmp_path)
+        run = tmp_path / "runs" / f"bench-{n:03d}"
+        assert (run / "bench-numpy.json").exists() and (run / "bench-numpy.csv").exists(), r.stdout
+        assert str(run.relative_to(tmp_path)) in r.stdout
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def _plot_rows(layers=(1,), Hs=(64, 256, 1024)):
+    from xlstm.bench.report import COLUMNS
+
+    rows = []
+    for L in layers:
+        for H in Hs:
+            for T in (16, 64):
+                r = dict.fromkeys(COLUMNS)
+                r.update(backend="numpy", H=H, T=T, B=32, layers=L, dtype="float32", status="ok",
+                         step_ms=H * T * L / 100, floor_step_ms=H * T * L / 150, torch_step_ms=H * T * L / 120,
+                         step_over_floor=1.5, step_over_torch=1.2)
+                rows.append(r)
+    return {"meta": {}, "rows": rows}
+
+
+def test_plot_labels_the_h_axis_with_the_measured_sizes_only():
+    """Log-scaled H axes carry plain integer labels at the measured sizes: matplotlib's own
+    minor labels (6x10^1 beside 64) overlapped them."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from xlstm.bench.report import figure
+
+    fig = figure(_plot_rows())
+    fig.canvas.draw()
+    try:
+        for ax in fig.axes:
+            major = [t.get_text() for t in ax.get_xticklabels()]
+            minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+            assert major == ["64", "256", "1024"] and minor == [], (ax.get_title(), major, minor)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_draws_a_panel_for_every_layer_count():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from xlstm.bench.report import figure
+
+    fig = figure(_plot_rows(layers=(1, 2)))
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert sum("2 layers" in t for t in titles) == 4 and sum("1 layer" in t for t in titles) == 4, titles
+        two = next(ax for ax in fig.axes if ax.get_title().startswith("T=64, 2 layers"))
+        xlstm_line = next(ln for ln in two.get_lines() if ln.get_label() == "xlstm numpy")
+        assert list(xlstm_line.get_ydata()) == [H * 64 * 2 / 100 for H in (64, 256, 1024)]
+    finally:
+        plt.close(fig)

@@ -19,7 +19,7 @@ import pytest
 
 import xlstm
 from support.compare import CONFIG_IDS, CONFIGS, compare_models
-from support.standin import install_fakes
+from support.standin import CaptureViolation, install_fakes
 from xlstm.backends import cupy_unavailable_reason
 
 
@@ -32,7 +32,10 @@ def graphed(host_lib, monkeypatch):
     monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
     be = CupyBackend()
     assert be.cuda_graphs and be.graphs_active()
-    return be, fake
+    yield be, fake
+    # a capture that failed falls back to the eager loop: results stay right, so a test would
+    # not notice that its graphs never ran; every capture here must have succeeded
+    assert be.graphs.failure is None, be.graphs.failure
 
 
 def _run(be, dtype, kwargs, use_lengths, seed, T=5, B=3, D=4, H=6, masks=None, model=None, model_seed=1):
@@ -220,13 +223,44 @@ def test_nothing_in_the_capture_synchronises_or_allocates(graphed):
     stream = fake.module.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        with pytest.raises(RuntimeError, match="synchronize"):
+        with pytest.raises(CaptureViolation, match="synchronize"):
             be.synchronize()
-        with pytest.raises(AssertionError, match="allocates"):
+        with pytest.raises(CaptureViolation, match="allocation"):
             fake.module.empty(3)
         with pytest.raises(NotImplementedError):
             fake.module.cublas.gemm("N", "N", np.ones((1, 1)), np.ones((1, 1)), out=np.ones((1, 1)))
         stream.end_capture()
+
+
+def test_the_stand_in_refuses_every_other_cupy_op_inside_a_capture(graphed):
+    """Real CUDA records a copy, fill or elementwise kernel issued during capture; the stand-in
+    would run it at once on the host and drop it from the replay. So it refuses each one (a
+    BaseException, which the backend's capture fallback cannot swallow), and outside a capture
+    the same ops run."""
+    be, fake = graphed
+    cp = fake.module
+    a, b = cp.zeros((4, 3), np.float32), cp.ones((4, 3), np.float32)
+    ops = {"setitem": lambda: a.__setitem__(0, 1.0), "slice assignment": lambda: a.__setitem__(..., b),
+           "+=": lambda: a.__iadd__(b), "ufunc": lambda: cp.tanh(a, out=a), "binary op": lambda: a + b,
+           "reduction": lambda: a.sum(), "copy": lambda: a.copy(), "astype": lambda: a.astype(np.float64),
+           "fill": lambda: a.fill(2.0), "gather": lambda: a[np.array([0, 2])], "where": lambda: cp.where(a > 0, a, b),
+           "allocation": lambda: cp.empty_like(a), "asarray": lambda: cp.asarray(np.ones(3)),
+           "host read": lambda: float(a[0, 0]), "asnumpy": lambda: cp.asnumpy(a),
+           "array function": lambda: np.concatenate([a, b])}
+    stream = cp.cuda.Stream(non_blocking=True)
+    for what, op in ops.items():
+        with stream:
+            stream.begin_capture()
+            try:
+                with pytest.raises(CaptureViolation, match="during stream capture"):
+                    op()
+            finally:
+                stream.end_capture()
+        assert not np.any(np.isnan(np.asarray(a))), what
+    view = a[1:3]                               # views and the address are no ops
+    assert view.data.ptr == a.data.ptr + 3 * 4
+    for what, op in ops.items():                # outside a capture each one runs
+        op()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -234,12 +268,13 @@ def test_cublas_gemm_layouts(graphed, dtype):
     """CublasGemm's row-major mapping (op flags, dimensions, leading dimensions) against NumPy,
     for C- and F-contiguous operands, through the column-major stand-in of cuBLAS."""
     be, fake = graphed
+    dev = fake.module.asarray
     rng = np.random.default_rng(0)
     for m, k, n in ((3, 4, 5), (1, 6, 2), (4, 1, 3), (2, 3, 1)):
         a0, b0 = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
-        for a in (a0, np.asfortranarray(a0)):
-            for b in (b0, np.asfortranarray(b0)):
-                out = rng.standard_normal((m, n)).astype(dtype)
+        for a in (dev(a0), dev(np.asfortranarray(a0))):
+            for b in (dev(b0), dev(np.asfortranarray(b0))):
+                out = dev(rng.standard_normal((m, n)).astype(dtype))
                 want = out.astype(np.float64) + a0.astype(np.float64) @ b0.astype(np.float64)
                 be.matmul_add(a, b, out)
                 assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (m, k, n, a.flags.f_contiguous)
@@ -323,7 +358,10 @@ def test_scalars_select_the_graph(graphed):
 
 
 def test_bench_reports_the_first_call_and_graph_memory(graphed, monkeypatch):
+    import argparse
+
     from xlstm import bench
+    from xlstm.bench.machine import cupy_first_call
 
     be, _ = graphed
     used = [0]
@@ -337,15 +375,15 @@ def test_bench_reports_the_first_call_and_graph_memory(graphed, monkeypatch):
         m.backward(np.ones_like(y))
         used[0] += 1 << 20
 
-    first = bench.cupy_first_call(be, step)
+    first = cupy_first_call(be, step)
     assert first["cuda_graphs"] == "on" and first["graph_capture_s"] > 0
     assert first["graph_mb"] == be.graphs.stats()["bytes"] / 2 ** 20 > 0
     assert first["pool_growth_mb"] == 1.0 and first["first_step_ms"] > 0
-    again = bench.cupy_first_call(be, step)                     # replayed: nothing new
+    again = cupy_first_call(be, step)                     # replayed: nothing new
     assert again["graph_mb"] == 0 and again["graph_capture_s"] == 0
     be.cuda_graphs = False
-    assert bench.cupy_first_call(be, step)["cuda_graphs"] == "off"
-    args = bench.argparse.ArgumentParser()
+    assert cupy_first_call(be, step)["cuda_graphs"] == "off"
+    args = argparse.ArgumentParser()
     bench.add_arguments(args)
     assert args.parse_args(["--cuda-graphs", "off"]).cuda_graphs == "off"
     assert args.parse_args([]).cuda_graphs is None
@@ -362,6 +400,43 @@ def test_an_error_inside_the_capture_ends_it_and_caches_nothing(graphed):
     assert fake.capturing is None and len(be.graphs) == 0
     be.lstm_forward_sequence(gates, hs, cs, U, 1.0, mask=np.ones((T, B), np.float32))   # still works
     assert len(be.graphs) == 1 and np.all(hs[1:] == 0)
+
+
+@pytest.mark.parametrize("where", ["capture", "first launch"])
+def test_a_failed_capture_warns_once_and_runs_eagerly_bitwise(host_lib, monkeypatch, capfd, where):
+    """A device that refuses the capture (or the captured graph's first launch) does not end
+    the run: the backend says why once, turns graphs off and runs the eager loop, whose results
+    are bitwise those of a backend that never had graphs on."""
+    from support import standin
+    from xlstm.backends.cupy_backend import CupyBackend
+
+    fake = install_fakes(host_lib, monkeypatch, nvmath=True)
+    monkeypatch.delenv("XLSTM_CUDA_GRAPHS", raising=False)
+    why = "cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing"
+    if where == "capture":
+        real_end = standin._FakeStream.end_capture
+
+        def refuse(self):
+            real_end(self)
+            raise RuntimeError(why)
+        monkeypatch.setattr(standin._FakeStream, "end_capture", refuse)
+    else:
+        def refuse(self, stream=None):
+            raise RuntimeError(why)
+        monkeypatch.setattr(standin._FakeGraph, "launch", refuse)
+    be = CupyBackend()
+    assert be.graphs_active()
+    kwargs = dict(num_layers=2, bidirectional=True, zoneout=0.2)
+    got = [_run(be, "float32", kwargs, True, seed) for seed in (3, 4)]
+    assert not be.cuda_graphs and why in be.graphs.failure and len(be.graphs) == 0
+    assert fake.capturing is None
+    err = capfd.readouterr().err
+    assert err.count("CUDA graph capture failed") == 1 and why in err
+    eager = CupyBackend()
+    eager.cuda_graphs = False
+    for seed, (out, masks, _) in zip((3, 4), got):
+        want, _, _ = _run(eager, "float32", kwargs, True, seed, masks=masks)
+        _assert_bitwise(out, want, f"seed {seed}")
 
 
 # -- precision modes (tf32/bf16 through CublasGemm.gemm_ex) under graph replay ---------------------
@@ -509,6 +584,53 @@ def test_bench_floor_is_captured_like_the_layer(graphed, precision, tol):
     assert len(fake.launched) == 4          # two replayed calls x (forward, backward)
 
 
+def test_bench_floor_graph_keeps_the_bf16_scratch_it_baked_in(graphed):
+    """The captured floor's cast kernels write the bf16 left operand into the backend's scratch,
+    whose address the graph holds; the backend's cache may drop that scratch (``_tmp`` clears
+    itself past 64 shapes). The floor's graph entry must keep it alive, so the replays still
+    compute the products."""
+    import gc
+    import weakref
+
+    from xlstm import bench
+
+    be, fake = graphed
+    T, B, D, H = 3, 2, 3, 5
+    f = bench.GemmFloor(be.xp, T, B, D, H, 1, np.dtype("float32"), seed=0, backend=be, precision="bf16")
+    f.step()                                   # eager run + capture
+    assert f.captured
+    refs = [weakref.ref(v) for k, v in be._scratch.items()
+            if k[0] == be._mixed().SCRATCH_A and k[1] in ((B, H), (B, 4 * H))]
+    assert len(refs) == 2                      # the per-step left operands: [B,H] forward, [B,4H] backward
+    be._scratch.clear()
+    gc.collect()
+    assert all(r() is not None for r in refs), "the graph's scratch was freed under it"
+    L = f.layers[0]
+    x2, W, U, hs = (np.array(L[k], np.float64) for k in ("x2", "W", "U", "hs"))
+    want = (x2 @ W).reshape(T, B, 4 * H) + hs[:T] @ U
+    f.step()                                   # a replay
+    assert np.max(np.abs(np.array(L["gates"], np.float64) - want)) <= 2e-2 * np.max(np.abs(want))
+
+
+def test_bench_floor_stays_eager_when_its_capture_fails(graphed, monkeypatch):
+    from support import standin
+    from xlstm import bench
+
+    be, fake = graphed
+
+    real_end = standin._FakeStream.end_capture
+
+    def refuse(self):
+        real_end(self)
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+    monkeypatch.setattr(standin._FakeStream, "end_capture", refuse)
+    f = bench.GemmFloor(be.xp, 3, 2, 3, 4, 1, np.dtype("float32"), seed=0, backend=be)
+    f.step()
+    f.step()
+    assert not f.captured and "cudaErrorStreamCaptureUnsupported" in f.capture_failure
+    assert fake.launched == []
+
+
 def test_bench_floor_runs_eagerly_when_graphs_are_off(graphed):
     from xlstm import bench
 
@@ -529,7 +651,7 @@ def _stand_in_bench(graphed, monkeypatch, tmp_path, *options, hidden="6", seq_le
     be, _ = graphed
     monkeypatch.setattr(be.xp, "get_default_memory_pool",
                         lambda: type("Pool", (), {"used_bytes": lambda self: 0})(), raising=False)
-    monkeypatch.setattr(bench, "_resolve_backends", lambda spec: [be])
+    monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [be])
     assert bench.main(["--hidden", hidden, "--seq-len", seq_len, "--batch", "2", "--layers", "1", "--repeat", "2",
                        "--min-repeat", "1", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",
                        "--no-memory", *options, "--out", str(tmp_path), "--name", "b"]) == 0

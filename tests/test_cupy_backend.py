@@ -20,6 +20,7 @@ Three groups:
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -512,3 +513,25 @@ def test_gpu_training_gradients_are_bitwise_repeatable(cupy_be, layer_norm):
         assert loss == runs[0][0]
         assert all(np.array_equal(grads[k], runs[0][1][k]) for k in grads), \
             [k for k in grads if not np.array_equal(grads[k], runs[0][1][k])]
+
+
+@pytest.mark.parametrize("version,accepted", [("14.1.0", False), ("13.6.0", False), ("14.2.0", True),
+                                              ("15.0.0rc1", True)])
+def test_the_persistent_path_refuses_a_cupy_before_14_2(emulated, monkeypatch, version, accepted):
+    """CuPy < 14.2 links cooperative kernels against a CUDA toolkit that a pip install lacks:
+    forced on, the persistent path refuses naming the version; 'auto' takes the per-step loop."""
+    from xlstm.backends.persistent import PersistentUnfit
+
+    be, fake = emulated
+    monkeypatch.setattr(fake.module, "__version__", version)
+    x = np.random.default_rng(0).standard_normal((3, 2, 3)).astype(np.float32)
+    be.persistent = "on"
+    if accepted:
+        xlstm.LSTM(3, 4, backend=be, seed=0).forward(x)
+        assert be.last_path == "persistent"
+        return
+    with pytest.raises(PersistentUnfit, match=rf"CuPy >= 14\.2 .* this is CuPy {re.escape(version)}"):
+        xlstm.LSTM(3, 4, backend=be, seed=0).forward(x)
+    be.persistent = "auto"              # the stand-in's device picks persistent at H=4: falls back
+    y, _ = xlstm.LSTM(3, 4, backend=be, seed=0).forward(x)
+    assert be.last_path == "per-step" and not any(n.startswith("lstm_persistent") for n in fake.launches)

@@ -54,7 +54,12 @@ def build(out_dir: Path) -> ctypes.CDLL:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise AssertionError(f"host build of the kernels failed:\n{' '.join(cmd)}\n{res.stderr}")
-    lib = ctypes.CDLL(str(out))
+    return load(out)
+
+
+def load(path) -> ctypes.CDLL:
+    """The built host library at ``path`` (``lib._name``), every host_K bound to its C signature."""
+    lib = ctypes.CDLL(str(path))
     for src in SOURCES:
         for name, params in kernel_signatures(kernel_source(src)).items():
             fn = getattr(lib, "host_" + name)

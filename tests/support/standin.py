@@ -2,8 +2,9 @@
 
 ``make_fake_cupy(lib)`` returns a module object whose ``RawModule`` launches the host twins of the
 kernels (``support/kernels_host_shim.cpp``) after checking each launch against the kernel's C
-signature, and whose arrays are NumPy's. Its streams capture launches and GEMMs (with the
-addresses they were given) for ``Graph.launch`` to replay. ``make_fake_nvmath`` stands in for
+signature, and whose arrays are an ndarray subclass exposing ``.data.ptr`` as cupy's do. Its
+streams capture launches and GEMMs (with the addresses they were given) for ``Graph.launch`` to
+replay; any other cupy operation inside a capture raises ``CaptureViolation``. ``make_fake_nvmath`` stands in for
 ``nvmath.bindings.cublas``. ``install_fakes`` puts both in ``sys.modules``; the fixtures of
 ``tests/conftest.py`` (``host_lib``, ``emulated``, ``standin``) are the way tests reach it.
 """
@@ -128,7 +129,7 @@ class _FakeStream:
 
     def synchronize(self):
         if self.fake.capturing is not None:
-            raise RuntimeError("stream synchronize during stream capture (the device would be waited on)")
+            raise CaptureViolation("stream synchronize during stream capture (the device would be waited on)")
         if self.fake.counts is not None:
             self.fake.counts.sync("stream.synchronize")
 
@@ -203,12 +204,41 @@ class DeviceCounts:
         return sum(self.ops.values())
 
 
-def device_array_class(counts: DeviceCounts):
-    """An ndarray subclass standing in for cupy.ndarray: its host reads are syncs, its ops are counted.
+class CaptureViolation(BaseException):
+    """Work that a real stream capture would record (or refuse) ran at once on the host: a cupy
+    ufunc, setitem, copy, reduction, allocation or host read inside a captured region, which
+    would vanish from the replay. A BaseException, so that the backend's capture fallback
+    (``except Exception``: run eagerly) cannot turn the stand-in's refusal into a silent pass."""
 
-    As cupy's: a reduction or a scalar index gives a 0-d device array, not a host scalar, so
-    ``float(a.sum())`` is a read of the device (counted) here as there.
+
+def refuse_in_capture(fake, what: str) -> None:
+    """Raise CaptureViolation when ``fake``'s stream is capturing."""
+    if fake.capturing is not None:
+        raise CaptureViolation(f"{what} during stream capture: the stand-in records only kernel launches "
+                               f"and nvmath GEMMs; this would run now on the host and be missing from "
+                               f"the graph's replay")
+
+
+class DevicePointer:
+    """What ``cupy.ndarray.data`` is for the code that reads it: ``.ptr``, the address of the
+    array's first element (for the stand-in, a host address)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+def device_array_class(fake):
+    """An ndarray subclass standing in for cupy.ndarray.
+
+    Always: ``.data.ptr`` is the first element's address (as cupy's MemoryPointer), and inside
+    a capture every op other than a view raises CaptureViolation (real CUDA would record it;
+    a NumPy array would run it at once and drop it from the replay).
+    With ``fake.counts`` (counting): its host reads are syncs and its ops are counted, and it
+    poses as cupy's (``__module__``) for ``xlstm.backends.backend_of``. As cupy's: a reduction or
+    a scalar index gives a 0-d device array, not a host scalar, so ``float(a.sum())`` is a read
+    of the device (counted) here as there.
     """
+    counts = fake.counts
 
     def plain(x):
         return x.view(np.ndarray) if isinstance(x, Dev) else x
@@ -222,10 +252,22 @@ def device_array_class(counts: DeviceCounts):
             return tuple(dev(x) for x in r)
         return r
 
-    def inside(kind, fn, *a, **k):
+    def op(kind):
+        refuse_in_capture(fake, kind)
+        if counts is not None:
+            counts.op(kind)
+
+    def sync(kind):
+        refuse_in_capture(fake, kind)
+        if counts is not None:
+            counts.sync(kind)
+
+    def inside(kind, fn, /, *a, **k):
         """fn(*a, **k) counted as one op ``kind`` (None: a view, no op); what it calls is not counted."""
         if kind:
-            counts.op(kind)
+            op(kind)
+        if counts is None:
+            return fn(*a, **k)
         counts.depth += 1
         try:
             return fn(*a, **k)
@@ -233,32 +275,25 @@ def device_array_class(counts: DeviceCounts):
             counts.depth -= 1
 
     class Dev(np.ndarray):
-        # seen as cupy's by xlstm.backends.backend_of and xlstm.checks (the stand-in must then be
-        # the cupy backend: install_fakes(counting=True) arranges that)
-        __module__ = "cupy"
+        @property
+        def data(self):
+            return DevicePointer(self.ctypes.data)
 
         def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-            counts.op("gemm" if ufunc is np.matmul else "ufunc")
             if "out" in kwargs:
                 kwargs["out"] = tuple(plain(o) for o in kwargs["out"])
-            counts.depth += 1
-            try:
-                r = getattr(ufunc, method)(*(plain(i) for i in inputs), **kwargs)
-            finally:
-                counts.depth -= 1
-            return dev(r)
+            return dev(inside("gemm" if ufunc is np.matmul else "ufunc", getattr(ufunc, method),
+                              *(plain(i) for i in inputs), **kwargs))
 
         def __array_function__(self, func, types_, args, kwargs):
             name = func.__name__
             if not name.startswith("empty"):
-                counts.op(f"fn:{name}")
-            counts.depth += 1
-            try:
-                r = func._implementation(*args, **kwargs) if hasattr(func, "_implementation") \
-                    else super().__array_function__(func, types_, args, kwargs)
-            finally:
-                counts.depth -= 1
-            return dev(r)
+                op(f"fn:{name}")
+            elif fake.capturing is not None:
+                refuse_in_capture(fake, f"fn:{name} (an allocation)")
+            impl = func._implementation if hasattr(func, "_implementation") else \
+                (lambda *a, **k: super(Dev, self).__array_function__(func, types_, a, k))
+            return dev(inside(None, impl, *args, **kwargs))
 
         def __getitem__(self, idx):
             parts = idx if isinstance(idx, tuple) else (idx,)
@@ -278,35 +313,42 @@ def device_array_class(counts: DeviceCounts):
         def astype(self, *a, **k):
             return dev(inside("astype", super().astype, *a, **k))
 
+        def fill(self, value):
+            inside("setitem", super().fill, value)
+
         # what reads the device from the host (cupy synchronises for each)
         def get(self, *a, **k):
-            counts.sync("get")
+            sync("get")
             return np.array(self.view(np.ndarray))
 
         def item(self, *a):
-            counts.sync("item")
+            sync("item")
             return self.view(np.ndarray).item(*a)
 
         def tolist(self):
-            counts.sync("tolist")
+            sync("tolist")
             return self.view(np.ndarray).tolist()
 
         def __float__(self):
-            counts.sync("float")
+            sync("float")
             return float(self.view(np.ndarray))
 
         def __int__(self):
-            counts.sync("int")
+            sync("int")
             return int(self.view(np.ndarray))
 
         def __bool__(self):
-            counts.sync("bool")
+            sync("bool")
             return bool(self.view(np.ndarray))
 
         def __index__(self):
-            counts.sync("index")
+            sync("index")
             return self.view(np.ndarray).__index__()
 
+    if counts is not None:
+        # seen as cupy's by xlstm.backends.backend_of and xlstm.checks (the stand-in must then be
+        # the cupy backend: install_fakes(counting=True) arranges that)
+        Dev.__module__ = "cupy"
     return Dev
 
 
@@ -318,14 +360,14 @@ def make_fake_cupy(lib, counting: bool = False):
     DeviceCounts) records every host sync and device op of the code that uses them."""
     fake = types.SimpleNamespace()
     fake.counts = DeviceCounts() if counting else None
-    Dev = device_array_class(fake.counts) if counting else None
     fake.lib, fake.launches, fake.modules, fake.gemms = lib, [], [], []
     fake.streams, fake.capturing, fake.captured, fake.launched = {}, None, [], []
+    Dev = fake.array_class = device_array_class(fake)
 
     def submit(op, stream, name):
         if fake.capturing is not None and stream is not fake.capturing:
-            raise RuntimeError(f"{name} issued on stream {stream.ptr} while stream "
-                               f"{fake.capturing.ptr} captures: it would not be in the graph")
+            raise CaptureViolation(f"{name} issued on stream {stream.ptr} while stream "
+                                   f"{fake.capturing.ptr} captures: it would not be in the graph")
         if stream.ops is not None:
             stream.ops.append((name, op))
         else:
@@ -339,27 +381,35 @@ def make_fake_cupy(lib, counting: bool = False):
     class FakeCupy(types.ModuleType):
         def __getattr__(self, name):          # everything else is NumPy's
             f = getattr(np, name)
+            if isinstance(f, type) or not callable(f):
+                return f                      # dtypes, scalar types, constants
             if name in _ALLOCATORS:
                 def alloc(*a, **k):
-                    assert fake.capturing is None, f"cupy.{name} allocates during stream capture"
+                    refuse_in_capture(fake, f"cupy.{name} (an allocation)")
                     r = f(*a, **k)
-                    return r if Dev is None or not isinstance(r, np.ndarray) else r.view(Dev)
+                    return r.view(Dev) if isinstance(r, np.ndarray) else r
                 return alloc
-            if Dev is not None and name == "asarray":
+            if name == "asarray":
                 def asarray(a, dtype=None):
-                    if not isinstance(a, Dev):
+                    refuse_in_capture(fake, "cupy.asarray")
+                    if not isinstance(a, Dev) and fake.counts is not None:
                         fake.counts.uploads += 1     # a host array (or list) moved to the device
                     return np.asarray(a, dtype=dtype).view(Dev)
                 return asarray
-            return f
+
+            def call(*a, **k):
+                refuse_in_capture(fake, f"cupy.{name}")
+                return f(*a, **k)
+            return call
 
     mod = FakeCupy("cupy")
+    mod.__version__ = "14.2.0"                # the first CuPy the persistent kernels accept
     mod.ndarray = np.ndarray
     def asnumpy(a):                           # a host copy, as cupy.asnumpy from a device
-        if Dev is not None and isinstance(a, Dev):
+        refuse_in_capture(fake, "cupy.asnumpy")
+        if isinstance(a, Dev) and fake.counts is not None:
             fake.counts.sync("asnumpy")
-            return np.array(a.view(np.ndarray))
-        return np.array(a)
+        return np.array(a.view(np.ndarray) if isinstance(a, np.ndarray) else a)
 
     mod.asnumpy = asnumpy
     mod.RawModule = lambda **kw: _HostModule(fake, **kw)    # keyword-only, as cupy's
@@ -391,6 +441,15 @@ def make_fake_cupy(lib, counting: bool = False):
         return out
 
     mod.cublas = types.SimpleNamespace(gemm=gemm)
+
+    class _Pool:                              # cupy's memory pool, as the bench reads it: nothing in use
+        def used_bytes(self):
+            return 0
+
+        def malloc(self, nbytes):
+            return None
+
+    mod.get_default_memory_pool = _Pool
     fake.module = mod
     return fake
 
@@ -445,9 +504,9 @@ def make_fake_nvmath(fake):
             st = handles[handle]
             assert st["pointer_mode"] == 0, "alpha/beta are host pointers"
             stream = fake.streams[st["stream"]]
-            if fake.capturing is not None:
-                assert st["workspace"] is not None, \
-                    "cuBLAS without a user workspace (reset by set_stream) would allocate during capture"
+            if fake.capturing is not None and st["workspace"] is None:
+                raise CaptureViolation("cuBLAS without a user workspace (reset by set_stream) would "
+                                       "allocate during capture")
             al = ctypes.cast(alpha, ctypes.POINTER(ctype))[0]   # host scalars: read at the call
             be = ctypes.cast(beta, ctypes.POINTER(ctype))[0]
             A = _colmajor(a, *((m, k) if transa == 0 else (k, m)), lda, dtype)
@@ -486,9 +545,9 @@ def make_fake_nvmath(fake):
         assert compute == (cublas.ComputeType.COMPUTE_32F_FAST_TF32 if atype == data_type.CUDA_R_32F
                            else cublas.ComputeType.COMPUTE_32F), (atype, compute)
         stream = fake.streams[st["stream"]]
-        if fake.capturing is not None:
-            assert st["workspace"] is not None, \
-                "cuBLAS without a user workspace (reset by set_stream) would allocate during capture"
+        if fake.capturing is not None and st["workspace"] is None:
+            raise CaptureViolation("cuBLAS without a user workspace (reset by set_stream) would "
+                                   "allocate during capture")
         fake.gemm_ex_calls.append(dict(transa=transa, transb=transb, m=m, n=n, k=k, Atype=atype,
                                        compute=compute, stream=st["stream"]))
         dt = {data_type.CUDA_R_32F: np.float32, data_type.CUDA_R_16BF: np.uint16}[atype]
@@ -528,8 +587,6 @@ def install_fakes(host_lib, monkeypatch, nvmath: bool, counting: bool = False):
     """Puts the stand-in cupy (and, with ``nvmath``, the stand-in nvmath cuBLAS binding; else
     none, so the backend uses cupy's cuBLAS and the eager loop) in sys.modules; returns the
     stand-in's records (with ``counting``: ``fake.counts``, see DeviceCounts)."""
-    from xlstm.backends import cublas_gemm
-
     fake = make_fake_cupy(host_lib, counting)
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     if counting:        # backend_of(a stand-in device array) is one CupyBackend on the stand-in
@@ -547,8 +604,6 @@ def install_fakes(host_lib, monkeypatch, nvmath: bool, counting: bool = False):
         return fake
     for name, mod in make_fake_nvmath(fake).items():
         monkeypatch.setitem(sys.modules, name, mod)
-    # the stand-in's "device" arrays are NumPy's: their address is the host address
-    monkeypatch.setattr(cublas_gemm, "_ptr", lambda a: a.ctypes.data)
     return fake
 
 

@@ -30,12 +30,6 @@ INSTALL_HINT = ("install nvmath-python (`pip install 'xlstm[cuda13]'` or 'xlstm[
                 "or `pip install nvmath-python`)")
 
 
-def _ptr(a) -> int:
-    """Device address of a cupy array's first element (the stand-in cupy of the tests patches
-    this to the host address of its NumPy arrays)."""
-    return a.data.ptr
-
-
 def _layout(x):
     """(cuBLAS op, leading dimension) for a row-major operand X [r,c], or None if neither layout."""
     if x.flags.c_contiguous:
@@ -87,7 +81,7 @@ class CublasGemm:
         s = self._xp.cuda.get_current_stream().ptr
         if s != self._stream:
             self._cublas.set_stream(self._handle, s)
-            self._cublas.set_workspace(self._handle, _ptr(self._workspace), self.WORKSPACE_BYTES)
+            self._cublas.set_workspace(self._handle, self._workspace.data.ptr, self.WORKSPACE_BYTES)
             self._stream = s
 
     def matmul_add(self, a, b, out) -> None:
@@ -100,8 +94,8 @@ class CublasGemm:
         op_a, lda = _layout(a)
         op_b, ldb = _layout(b)
         one = self._one[a.dtype].ctypes.data
-        self._fn[a.dtype](self._handle, op_b, op_a, n, m, k, one, _ptr(b), ldb, _ptr(a), lda,
-                          one, _ptr(out), max(1, n))
+        self._fn[a.dtype](self._handle, op_b, op_a, n, m, k, one, b.data.ptr, ldb, a.data.ptr, lda,
+                          one, out.data.ptr, max(1, n))
 
     def gemm_ex(self, a, b, out, precision: str, beta: float) -> None:
         """out [m,n] = a [m,k] @ b [k,n] + beta * out (beta 0 or 1) in ``precision``.
@@ -129,8 +123,8 @@ class CublasGemm:
         one = self._one[np.dtype(np.float32)].ctypes.data
         beta_p = one if beta else self._zero32.ctypes.data
         # C^T [n,m] = B^T [n,k] @ A^T [k,m], column-major, ldc = n
-        self._cublas.gemm_ex(self._handle, op_b, op_a, n, m, k, one, _ptr(b.data), dtype, ldb,
-                             _ptr(a.data), dtype, lda, beta_p, _ptr(out), self._r32f, max(1, n),
+        self._cublas.gemm_ex(self._handle, op_b, op_a, n, m, k, one, b.data.data.ptr, dtype, ldb,
+                             a.data.data.ptr, dtype, lda, beta_p, out.data.ptr, self._r32f, max(1, n),
                              compute, self._algo)
 
     def close(self) -> None:

@@ -27,6 +27,12 @@ during capture either: buffers, kernels and scratch are prepared before ``begin_
 
 The cache is an LRU of at most ``maxsize`` graphs; evicting one frees its buffers once no
 graph launch still uses them (CuPy's pool frees on the stream order).
+
+A capture or first launch that fails for a reason of the device or its libraries (a kernel
+that refuses capture, a driver without some graph feature) raises ``CaptureFailed``; nothing
+of the caller's arrays has been written then, so the backend runs the same op eagerly and
+turns graphs off (``CupyBackend._sequence``). An ``XlstmError`` from the op itself (a bad
+argument) is the caller's and propagates as is.
 """
 from __future__ import annotations
 
@@ -35,7 +41,13 @@ import functools
 import inspect
 import time
 
+from ..errors import XlstmError
 from ..precision import Rounded
+
+
+class CaptureFailed(RuntimeError):
+    """Capturing or first launching a graph failed; the message says why. Nothing was written
+    to the caller's arrays: running the op eagerly instead is safe."""
 
 # For each sequence op: the array arguments it reads ("all" or "first" = only index 0 along T:
 # the initial state) and the ones it writes. Everything else is an output only or a scalar.
@@ -78,6 +90,7 @@ class GraphCache:
         self.captures = 0          # graphs captured (first calls of a key, re-captures after eviction)
         self.replays = 0           # calls served by an already captured graph
         self.capture_seconds = 0.0  # host time spent capturing and instantiating
+        self.failure: str | None = None   # why a capture failed (the backend then runs eagerly)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,7 +105,7 @@ class GraphCache:
         """entries, bytes of the buffers the cached graphs own, captures, replays, capture time."""
         return dict(entries=len(self._entries), bytes=sum(e.nbytes for e in self._entries.values()),
                     captures=self.captures, replays=self.replays,
-                    capture_seconds=self.capture_seconds)
+                    capture_seconds=self.capture_seconds, failure=self.failure)
 
     @staticmethod
     def key(op: str, args: dict):
@@ -115,11 +128,9 @@ class GraphCache:
         # a graph, its buffers and its kernels belong to the device current at capture
         key = self.key(op, args) + (("device", be.xp.cuda.runtime.getDevice()),)
         entry = self._entries.get(key)
-        if entry is None:
+        first = entry is None
+        if first:
             entry = self._capture(be, op, fn, args)
-            self._entries[key] = entry
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
             entry.replays += 1
@@ -135,7 +146,17 @@ class GraphCache:
                     bufs[name][0] = a[0]
                 else:
                     bufs[name][...] = a
-        entry.graph.launch(be.xp.cuda.get_current_stream())
+        try:
+            entry.graph.launch(be.xp.cuda.get_current_stream())
+        except Exception as e:
+            if not first:
+                raise
+            raise CaptureFailed(f"{op}: the first launch of the captured graph failed "
+                                f"({type(e).__name__}: {e})") from e
+        if first:               # cached once it has run: a graph that cannot launch is dropped
+            self._entries[key] = entry
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
         for name in spec["write"]:
             args[name][...] = bufs[name]
 
@@ -154,7 +175,10 @@ class GraphCache:
                 buffers[name] = a
         keep = be.prepare_capture(op, args)     # kernels compiled, scratch allocated, now
         nbytes += sum(getattr(k, "nbytes", 0) for k in keep)
-        graph = capture(xp, lambda: fn(be, **buffers))
+        try:
+            graph = capture(xp, lambda: fn(be, **buffers))
+        except CaptureFailed as e:
+            raise CaptureFailed(f"{op}: {e}") from e.__cause__
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
         return _Entry(graph, buffers, keep, nbytes, time.perf_counter() - t0)
@@ -164,19 +188,25 @@ def capture(xp, fn):
     """The work ``fn()`` issues, captured on a fresh non-blocking stream into a graph (not run).
 
     Everything ``fn`` needs (kernels, handles, scratch) must exist before: capture must not
-    allocate. An error inside ends the capture and is raised as is."""
+    allocate. An error inside ends the capture; an ``XlstmError`` (a bad argument of the op) is
+    raised as is, any other (CUDA, cuBLAS, the driver) as ``CaptureFailed`` with the reason."""
     stream = xp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        try:
-            fn()
-        except BaseException:
-            try:                           # end the capture; fn's own error is the news
-                stream.end_capture()
-            except Exception:
-                pass
-            raise
-        return stream.end_capture()
+    try:
+        with stream:
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                try:                       # end the capture; fn's own error is the news
+                    stream.end_capture()
+                except Exception:
+                    pass
+                raise
+            return stream.end_capture()
+    except XlstmError:
+        raise
+    except Exception as e:
+        raise CaptureFailed(f"{type(e).__name__}: {e}") from e
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,8 @@ issues a few copies and one launch per layer-direction instead of two launches p
 The GEMMs then go through ``CublasGemm`` (nvmath-python's cuBLAS binding; CuPy's refuses
 capture) in eager and captured runs alike, so both are the same cuBLAS calls and bitwise
 equal. Without nvmath-python the backend says so once and runs the eager loop (cupy's
-cuBLAS). Traces (``trace=True``) run eagerly (``Backend.eager``). Not yet run on a GPU: the
+cuBLAS). A capture the device refuses does not end the run: the backend says why once,
+turns its graphs off and runs the eager loop. Traces (``trace=True``) run eagerly (``Backend.eager``). Not yet run on a GPU: the
 capture logic is proven on the CPU against a stand-in cupy (tests/test_cuda_graphs.py).
 
 Persistent kernels (``xlstm/kernels/lstm_persistent.cu``, their own RawModule compiled with
@@ -199,6 +200,7 @@ class CupyBackend(Backend):
         """``{name}_{f32|f64}`` of the persistent source, from its cooperative module."""
         from ..kernels import DTYPE_SUFFIX, PERSISTENT_SOURCE, kernel_source
 
+        _persistent.require_cupy(self.xp.__version__)
         dev = self.xp.cuda.runtime.getDevice()
         key = (dev, f"{name}_{DTYPE_SUFFIX[np.dtype(dtype).name]}")
         k = self._kernels.get(key)
@@ -548,7 +550,21 @@ class CupyBackend(Backend):
         fn = getattr(Backend, op)
         if not self.graphs_active():
             return fn(self, *args, **kwargs)
-        self.graphs.run(self, op, fn, cuda_graphs.bind(fn, self, args, kwargs))
+        bound = cuda_graphs.bind(fn, self, args, kwargs)
+        try:
+            self.graphs.run(self, op, fn, bound)
+        except cuda_graphs.CaptureFailed as e:
+            self._graphs_failed(str(e))
+            fn(self, **bound)
+
+    def _graphs_failed(self, reason: str) -> None:
+        """A capture failed: say why once, turn graphs off for this backend (the eager loop runs
+        from now on, the same kernels and GEMMs); ``graphs.failure`` keeps the reason."""
+        self.cuda_graphs = False
+        self.graphs.failure = reason
+        print(f"xlstm: CUDA graph capture failed ({reason}); CUDA graphs are off for this "
+              f"backend and its loops run eagerly (same results, more host time per step)",
+              file=sys.stderr)
 
     def prepare_capture(self, op, args) -> list:
         """Everything a capture of ``op`` would otherwise allocate or load, done now (capture

@@ -37,11 +37,28 @@ MAX_KSPLIT = 32          # threads per unit dot product (a power of two)
 ROW_BLOCK = 4            # batch rows per work item: PERSIST_RB of lstm_persistent.cuh
 SMEM_RESERVED = 1024     # bytes the driver reserves per block (sm_80 and later)
 MODES = ("auto", "on", "off")
+# CuPy before 14.2 compiles cooperative kernels with --device-c and links cudadevrt from a CUDA
+# toolkit, which a pip-only install (cupy-cuda1Nx[ctk]) does not have
+MIN_CUPY = (14, 2)
 ENV = "XLSTM_PERSISTENT"
 
 
 class PersistentUnfit(InputError):
     """The persistent kernels cannot run this shape on this device (says why)."""
+
+
+def require_cupy(version: str) -> None:
+    """PersistentUnfit naming ``version`` when that CuPy cannot build the cooperative kernels."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_CUPY:
+        need = ".".join(map(str, MIN_CUPY))
+        raise PersistentUnfit(
+            f"the persistent kernels need CuPy >= {need} (earlier versions link cooperative kernels "
+            f"against a CUDA toolkit's cudadevrt); this is CuPy {version}: upgrade with "
+            f"`pip install -U 'cupy-cuda13x[ctk]>={need}'` (or cupy-cuda12x), or use "
+            f"persistent='off' (the per-step kernels)")
 
 
 def smem_bytes(backward: bool, *, B: int, H: int, NB: int, KS: int, itemsize: int) -> int:
