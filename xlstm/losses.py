@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backends
 from .checks import as_array, check_range
-from .errors import InputError, StateError
+from .errors import InputError
 
 
 def _logits(logits, name: str = "logits"):
@@ -113,22 +113,3 @@ def cross_entropy(logits, targets, mask=None, on_device: bool = False):
         e *= (m2 / count)[:, None]
     return loss, e.reshape(x.shape)
 
-
-class SoftmaxCrossEntropy:
-    """Stateful wrapper: ``loss = forward(logits, targets, mask)``, then ``dlogits = backward()``."""
-
-    def __init__(self):
-        self._dlogits = None
-
-    def forward(self, logits, targets, mask=None) -> float:
-        loss, self._dlogits = cross_entropy(logits, targets, mask)
-        return loss
-
-    def backward(self):
-        """d mean loss / d logits of the last forward, shape of the logits."""
-        if self._dlogits is None:
-            raise StateError("SoftmaxCrossEntropy.backward called before forward")
-        return self._dlogits
-
-    def __call__(self, logits, targets, mask=None) -> float:
-        return self.forward(logits, targets, mask)

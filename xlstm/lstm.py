@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from .backends import is_device_array
 from .checks import as_array
 from .errors import InputError, StateError
 from .module import Module
@@ -142,7 +143,7 @@ class LSTM(Module):
 
     @staticmethod
     def _check_lengths(lengths, T, B):
-        if type(lengths).__module__.startswith("cupy"):
+        if is_device_array(lengths):
             lengths = lengths.get()
         arr = np.asarray(lengths)
         if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):

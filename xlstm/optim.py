@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from . import backends
+from .backends.scratch import Scratch
 from .errors import InputError
 
 
@@ -55,7 +56,7 @@ class Optimizer:
         self.lr = _check_float(lr, "lr", 0.0)
         self.step_count = 0
         self.state: dict = {}      # param name -> {buffer name -> array}
-        self._scratch: dict = {}   # (array type, shape, dtype) -> array, shared by same-shaped params
+        self._scratch: dict = {}   # array type -> Scratch of its backend, shared by same-shaped params
 
     def _pairs(self):
         """(name, param, grad) for every parameter, checked."""
@@ -70,11 +71,10 @@ class Optimizer:
 
     def _tmp(self, p, slot: int = 0):
         """A scratch array like ``p``, reused across parameters and steps (no per-step allocation)."""
-        key = (type(p), p.shape, p.dtype.str, slot)
-        buf = self._scratch.get(key)
-        if buf is None:
-            buf = self._scratch[key] = backends.backend_of(p).xp.empty_like(p)
-        return buf
+        cache = self._scratch.get(type(p))
+        if cache is None:
+            cache = self._scratch[type(p)] = Scratch(backends.backend_of(p).xp, limit=1 << 30)
+        return cache.get(slot, p.shape, p.dtype.str)
 
     def _buffer(self, name: str, which: str, p):
         """State buffer ``which`` of parameter ``name`` (zeros when new), on ``p``'s backend."""

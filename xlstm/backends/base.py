@@ -40,6 +40,11 @@ from __future__ import annotations
 import contextlib
 
 
+def is_device_array(a) -> bool:
+    """True when ``a`` is an array of the CuPy backend (a GPU array), by its type's module."""
+    return type(a).__module__.startswith("cupy")
+
+
 class Backend:
     """Base class; subclasses set ``name`` and ``xp`` and implement the pointwise steps (the
     sequence ops here loop over them; a subclass may override those too)."""
@@ -71,10 +76,6 @@ class Backend:
         place, buffers are reused) must ask for ``copy=True``. From a device it is always a copy.
         """
         raise NotImplementedError
-
-    def owns(self, a) -> bool:
-        """True when ``a`` is an array of this backend's module."""
-        return isinstance(a, self.xp.ndarray)
 
     def synchronize(self) -> None:
         """Wait until all queued device work has finished (no-op on the CPU)."""

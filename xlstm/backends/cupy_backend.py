@@ -51,6 +51,7 @@ from ..errors import InputError
 from . import cuda_graphs
 from . import persistent as _persistent
 from .base import Backend
+from .scratch import Scratch
 
 _graphs_note_shown = False
 
@@ -145,7 +146,7 @@ class CupyBackend(Backend):
         self._modules: dict = {}      # device id -> cupy.RawModule
         self._kernels: dict = {}      # (device id, kernel name) -> cupy.RawKernel
         self._sm_count: dict = {}     # device id -> number of SMs
-        self._scratch: dict = {}      # (key, shape, dtype) -> cupy array, reused across steps
+        self.scratch = Scratch(cupy, device=cupy.cuda.runtime.getDevice)   # reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
         #                               on every cupy (cupy < 14 passed None as garbage, cupy#9046;
         #                               14.x passes it as 0: cupy/cuda/function.pyx _pointer)
@@ -324,13 +325,7 @@ class CupyBackend(Backend):
 
     def _tmp(self, key, shape, dtype):
         """A device scratch buffer reused across time steps (so the loop does not allocate)."""
-        k = (key, shape, np.dtype(dtype).str, self.xp.cuda.runtime.getDevice())
-        buf = self._scratch.get(k)
-        if buf is None:
-            if len(self._scratch) > 64:  # many shapes seen: keep memory bounded
-                self._scratch.clear()
-            buf = self._scratch[k] = self.xp.empty(shape, dtype)
-        return buf
+        return self.scratch.get(key, shape, dtype)
 
     def _arg(self, name, a, shape, dtype, optional=False):
         """Checks one kernel argument; returns it, or a NULL pointer for an absent optional one."""

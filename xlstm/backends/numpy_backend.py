@@ -7,20 +7,13 @@ but a few [B,H] scratch arrays that are reused across steps.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from ..errors import InputError
 from ..precision import PrecisionEmulationWarning, Rounded, round_operand
-from .base import Backend
-
-# Below this many multiply-adds a GEMM runs on one BLAS thread. Measured on a 2-core AMD EPYC
-# with NumPy's OpenBLAS 0.3.31: the per-step [32,H]x[H,4H] product takes the same time on one
-# thread as on two for H <= 128 (10 us at H=64, 50 us at H=128), while handing it to a second
-# thread costs a wake-up each call and, when another process holds a core, up to 20x more.
-SMALL_GEMM_MACS = 1 << 22
-
+from . import blas
+from .base import Backend, is_device_array
+from .scratch import Scratch
 
 _WARNED: set = set()
 
@@ -38,37 +31,20 @@ def _warn_emulation(precision: str) -> None:
                   PrecisionEmulationWarning, stacklevel=3)
 
 
-def _openblas_threads():
-    """(get, set) of the thread count of NumPy's own OpenBLAS via ctypes, or None if not found.
+def _make_gate_consts(xp, shape, dtype):
+    H = shape[1] // 4
+    half = np.full(shape, 0.5, dtype)
+    half[:, 2 * H:3 * H] = 1.0
+    bias = np.full(shape, 0.5, dtype)
+    bias[:, 2 * H:3 * H] = 0.0
+    plus1 = np.zeros(shape, dtype)
+    plus1[:, 2 * H:3 * H] = 1.0
+    return half, bias, plus1
 
-    Looks in the wheel's ``numpy.libs`` (scipy-openblas, symbols ``scipy_openblas_*64_``) and
-    in the process (a system OpenBLAS). Any failure means: leave BLAS threads alone.
-    """
-    import ctypes
-    import glob
-    import os
 
-    cands = []
-    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    cands += sorted(glob.glob(os.path.join(libdir, "*openblas*")))
-    cands.append(None)                                   # symbols already loaded in the process
-    for path in cands:
-        try:
-            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
-        except OSError:
-            continue
-        for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
-            get = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
-            set_ = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
-            if get is not None and set_ is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                try:
-                    if get() >= 1:
-                        return get, set_
-                except Exception:
-                    pass
-    return None
+def _make_plain_ws(xp, shape, dtype):
+    B, H = shape
+    return tuple(np.empty((B, H), dtype) for _ in range(4)) + tuple(np.empty((B, 4 * H), dtype) for _ in range(2))
 
 
 class NumpyBackend(Backend):
@@ -76,19 +52,10 @@ class NumpyBackend(Backend):
     xp = np
 
     def __init__(self):
-        self._scratch: dict = {}
-        self._blas_threads = False          # looked up on the first small GEMM
-
-    def _small_gemm_threads(self):
-        if self._blas_threads is False:
-            try:
-                self._blas_threads = _openblas_threads()
-            except Exception:
-                self._blas_threads = None
-        return self._blas_threads
+        self.scratch = Scratch(np)
 
     def asarray(self, a, dtype=None):
-        if type(a).__module__.startswith("cupy"):
+        if is_device_array(a):
             a = a.get()
         return np.asarray(a, dtype=dtype)
 
@@ -97,13 +64,7 @@ class NumpyBackend(Backend):
 
     def _tmp(self, key, shape, dtype):
         """A scratch buffer reused across time steps (so the loop does not allocate)."""
-        k = (key, shape, dtype)                 # dtype as given: np.dtype(...).str costs ~0.3 us a call
-        buf = self._scratch.get(k)
-        if buf is None:
-            if len(self._scratch) > 64:  # many shapes seen: keep memory bounded
-                self._scratch.clear()
-            buf = self._scratch[k] = np.empty(shape, dtype)
-        return buf
+        return self.scratch.get(key, shape, dtype)
 
     def _gate_consts(self, shape, dtype):
         """Per-column constants of the [B,4H] gate rows (i, f, g, o), made once per (shape, dtype).
@@ -115,43 +76,11 @@ class NumpyBackend(Backend):
         Stored at the full [B,4H] shape: a ufunc that broadcasts a [4H] row over B rows
         allocates a [B,4H] buffer on every call (and runs 2-3x slower than same-shape operands).
         """
-        k = ("gate_consts", shape, np.dtype(dtype).str)
-        consts = self._scratch.get(k)
-        if consts is None:
-            H = shape[1] // 4
-            half = np.full(shape, 0.5, dtype)
-            half[:, 2 * H:3 * H] = 1.0
-            bias = np.full(shape, 0.5, dtype)
-            bias[:, 2 * H:3 * H] = 0.0
-            plus1 = np.zeros(shape, dtype)
-            plus1[:, 2 * H:3 * H] = 1.0
-            consts = self._scratch[k] = (half, bias, plus1)
-        return consts
+        return self.scratch.get("gate_consts", shape, dtype, _make_gate_consts)
 
     def _plain_ws(self, shape, dtype):
         """Scratch of the plain backward step, one dict lookup per step: 4 x [B,H], 2 x [B,4H]."""
-        k = ("plain_ws", shape, np.dtype(dtype).str)
-        ws = self._scratch.get(k)
-        if ws is None:
-            B, H = shape
-            ws = self._scratch[k] = tuple(np.empty((B, H), dtype) for _ in range(4)) + \
-                tuple(np.empty((B, 4 * H), dtype) for _ in range(2))
-        return ws
-
-    @contextlib.contextmanager
-    def _gemm_threads(self, macs):
-        """One BLAS thread inside the block when a GEMM of ``macs`` multiply-adds is small (see
-        SMALL_GEMM_MACS); otherwise BLAS's threads are left as they are."""
-        threads = self._small_gemm_threads() if macs <= SMALL_GEMM_MACS else None
-        n = threads[0]() if threads is not None else 1
-        if n <= 1:
-            yield
-            return
-        threads[1](1)
-        try:
-            yield
-        finally:
-            threads[1](n)
+        return self.scratch.get("plain_ws", shape, dtype, _make_plain_ws)
 
     # -- GEMMs: float32 as is; tf32/bf16 EMULATED (operands rounded, then a float32 GEMM) ------
     def gemm_operand(self, a, precision="float32"):
@@ -177,7 +106,7 @@ class NumpyBackend(Backend):
     def matmul_add(self, a, b, out, precision="float32") -> None:
         a, b = self._operand(a, precision, "gemm_a"), self._operand(b, precision, "gemm_b")
         tmp = self._tmp("mm", out.shape, out.dtype)
-        with self._gemm_threads(a.shape[0] * a.shape[1] * b.shape[1]):
+        with blas.one_thread_below(a.shape[0] * a.shape[1] * b.shape[1]):
             np.matmul(a, b, out=tmp)
         out += tmp
 
@@ -186,7 +115,6 @@ class NumpyBackend(Backend):
                           mask=None, zc=None, zh=None, gmask=None) -> None:
         H = c.shape[1]
         i, f, g, o = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
-        ifo_1, ifo_2 = z[:, :2 * H], o        # the sigmoid gates are two contiguous blocks
         if forget_bias:
             f += forget_bias
         # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates, never overflows.
@@ -248,7 +176,7 @@ class NumpyBackend(Backend):
         steps = zip(gates, gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:],
                     cs[:-1], cs[1:], hs[:-1], hs[1:])
         mm, tanh, mul = np.matmul, np.tanh, np.multiply
-        with self._gemm_threads(B * H * H4):
+        with blas.one_thread_below(B * H * H4):
             for z, i, f, g, o, c_prev, c, h_prev, h in steps:
                 mm(h_prev, Uh, out=tmp)                     # recurrent GEMM (halved columns)
                 z += tmp
@@ -410,7 +338,7 @@ class NumpyBackend(Backend):
         x = self._tmp("bs_x", dc.shape, dc.dtype)
         UT = self._operand(UT, precision, "bs_UT")         # rounded once (tf32/bf16), not per step
         dz_r = None if precision == "float32" else self._tmp("bs_dz_r", dz.shape[1:], dz.dtype)
-        with self._gemm_threads(B * H4 * H):               # the per-step GEMM, as in matmul_add
+        with blas.one_thread_below(B * H4 * H):               # the per-step GEMM, as in matmul_add
             for t in reversed(range(T)):
                 dh += dy[t]                                # dHt
                 dz_o[t] *= dh

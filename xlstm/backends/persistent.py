@@ -112,7 +112,6 @@ CROSSOVER = {
     "A100": {"max_H": 128, "max_B": 64},
     "": {"max_H": 128, "max_B": 64},     # any other device
 }
-CROSSOVER_MEASURED = False
 
 
 def mode_from_env() -> str:

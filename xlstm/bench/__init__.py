@@ -344,10 +344,10 @@ class GemmFloor:
         # the NumPy backend runs small per-step GEMMs on one OpenBLAS thread; so does the floor
         self.one_thread = None
         if xp is np:
-            from ..backends.numpy_backend import SMALL_GEMM_MACS, _openblas_threads
+            from ..backends import blas
 
-            if B * H * 4 * H <= SMALL_GEMM_MACS:
-                self.one_thread = _openblas_threads()
+            if B * H * 4 * H <= blas.SMALL_GEMM_MACS:
+                self.one_thread = blas.openblas_threads()
 
     def _loop(self, fn):
         ctl = self.one_thread
@@ -1139,13 +1139,13 @@ def _apply_threads(n, torch):
         return None
     if torch is not None:
         torch.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        print("xlstm bench: threadpoolctl is not installed; NumPy's BLAS threads left as they are",
+    from ..backends import blas
+
+    limit = blas.limit_threads(n)
+    if limit is None:
+        print("xlstm bench: no BLAS thread control found; NumPy's BLAS threads left as they are",
               file=sys.stderr)
-        return None
-    return threadpool_limits(limits=n, user_api="blas")
+    return limit
 
 
 def run(args) -> int:
@@ -1230,7 +1230,7 @@ def run(args) -> int:
         return 1
     finally:
         if limiter is not None:
-            limiter.restore_original_limits()
+            limiter.restore()
     if bar is not None:
         bar.close()
     # CuPy over NumPy, same cell
