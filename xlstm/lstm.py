@@ -19,7 +19,7 @@ Per layer and direction the work follows the cuDNN/haste plan (DESIGN.md):
               dh = dZ[t] @ U^T (+ the part that skips the cell) (NumPy computes the factors
               that do not depend on the recurrence for all T steps before its loop); after
               the loop dW = X^T dZ, dU = H_prev^T dZ, db = sum dZ, dX = dZ W^T, one GEMM each.
-The time loops live in the backend (``xlstm/backends/base.py``), never here.
+The time loops are ops (``xlstm/ops/lstm_sequence.py``) run by the backend, never here.
 Buffers [T,B,4H] and [T+1,B,H] are allocated once per call, never inside the time loop.
 
 Variable lengths: a step past a sequence's end carries its state unchanged and outputs 0, so
