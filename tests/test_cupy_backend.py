@@ -457,7 +457,7 @@ def test_gpu_persistent_refuses_an_oversized_grid():
     plan = be.persistent_plan(B, H, np.float32)
     big = dataclasses.replace(plan, NB=sms * 64, smem_forward=per_block)   # more than the device holds
     with pytest.raises(PersistentUnfit, match="not co-resident"):
-        be._launch_persistent("lstm_persistent_forward", cp.float32, (), T, B, H, plan=big)
+        be.launch_persistent("lstm_persistent_forward", cp.float32, (), T, B, H, plan=big)
 
 
 def test_emulated_persistent_empty_sequence_launches_nothing(emulated):

@@ -14,7 +14,7 @@ from xlstm.kernels import SOURCES, kernel_source
 from xlstm.ops import entry_names
 from xlstm.ops.spec import Arg, Scalar
 
-# what the persistent launcher appends after the spec'd parameters (cupy_backend._launch_persistent)
+# what the persistent launcher appends after the spec'd parameters (cupy_backend.launch_persistent)
 PERSISTENT_TAIL = ("barrier", "T", "B", "H", "KS")
 
 

@@ -28,22 +28,22 @@ class Backend:
 
     name: str = "?"
     xp = None
-    ops: frozenset = frozenset()    # the ops this backend implements (set by ``ops.install``)
-    _force_eager = False            # True inside ``eager()``
+    op_names: frozenset = frozenset()   # the ops this backend implements (set by ``ops.install``)
+    force_eager = False            # True inside ``eager()``
 
     @contextlib.contextmanager
     def eager(self):
         """Inside the block the sequence ops run their plain per-step loop: no captured or
         replayed CUDA graph, whatever the backend's switches say (traces use this)."""
-        prev, self._force_eager = self._force_eager, True
+        prev, self.force_eager = self.force_eager, True
         try:
             yield self
         finally:
-            self._force_eager = prev
+            self.force_eager = prev
 
     def implements(self, op: str) -> bool:
         """True when this backend has its own implementation of ``op`` (``xlstm.ops.SPECS``)."""
-        return op in self.ops
+        return op in self.op_names
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):

@@ -1,13 +1,16 @@
-"""CuPy backend: the same pointwise LSTM step as fused CUDA kernels (``xlstm/kernels``).
+"""CuPy backend: the plumbing that runs the ops' CUDA kernels (``xlstm/kernels``) on a GPU.
 
 This is the only module (with its package) that imports cupy, and it does so lazily, so
-``import xlstm`` works on machines without cupy or without a GPU.
+``import xlstm`` works on machines without cupy or without a GPU. The ops themselves (their
+specs, launches and dispatch) are in ``xlstm/ops`` and installed here as methods; this class
+compiles (``_kernel``), launches with every argument checked against the op's spec
+(``launch``), keeps scratch (``scratch``), captures and replays graphs, plans persistent launches.
 
 How the CUDA path is built: ``xlstm/kernels/lstm_kernels.cu`` (with its header
 ``lstm_pointwise.cuh`` pasted in by ``xlstm.kernels.kernel_source``) is compiled at run time by
 NVRTC through ``cupy.RawModule``, once per device and process (cupy also caches the binary on
-disk, keyed by the source text). A layer-direction's time loop is one backend op (the
-``*_sequence`` ops of ``Backend``): per time step one cuBLAS GEMM (``matmul_add``, beta = 1)
+disk, keyed by the source text). A layer-direction's time loop is one op
+(``xlstm/ops/lstm_sequence.py``): per time step one cuBLAS GEMM (``matmul_add``, beta = 1)
 and one fused kernel launch (the LayerNorm step's backward: two, the second adding the rows'
 gain/shift gradients); nothing waits for the device inside the loop, and the only buffer a
 step needs (the LayerNorm backward's [B,10H] partial sums) is allocated once per shape.
@@ -19,16 +22,15 @@ issues a few copies and one launch per layer-direction instead of two launches p
 The GEMMs then go through ``CublasGemm`` (nvmath-python's cuBLAS binding; CuPy's refuses
 capture) in eager and captured runs alike, so both are the same cuBLAS calls and bitwise
 equal. Without nvmath-python the backend says so once and runs the eager loop (cupy's
-cuBLAS). Traces (``trace=True``) run eagerly (``Backend.eager``). Not yet run on a GPU: the
-capture logic is proven on the CPU against a stand-in cupy (tests/test_cuda_graphs.py).
+cuBLAS). Traces (``trace=True``) run eagerly (``Backend.eager``). The capture logic is checked
+on the CPU against a stand-in cupy (tests/test_cuda_graphs.py).
 
 Persistent kernels (``xlstm/kernels/lstm_persistent.cu``, their own RawModule compiled with
 ``enable_cooperative_groups=True``): the plain cell's ``lstm_forward_sequence`` and
 ``lstm_backward_sequence`` may instead run all T steps in one cooperative launch that keeps
 U's slice of each block in shared memory. ``persistent`` ("auto" | "on" | "off", default the
-environment variable XLSTM_PERSISTENT, else "off" until the
-table is measured on a device) picks; "auto" follows the crossover table
-of ``xlstm.backends.persistent`` (UNMEASURED: written without a GPU) and falls back to the
+environment variable XLSTM_PERSISTENT, else "off") picks; "auto" follows the crossover table
+of ``xlstm.backends.persistent`` (estimates, not yet a measured crossover) and falls back to the
 per-step loop (graph-replayed where graphs are on) where the grid does not fit; "on" raises
 instead of falling back. Persistent launches are never captured into a graph (each zeroes its
 own grid-barrier counter) and ``eager()`` (traces) runs the per-step loop.
@@ -128,9 +130,9 @@ def use_device(index: int) -> None:
 
 
 class CupyBackend(Backend):
-    """Fused CUDA kernels for the pointwise steps, cuBLAS for ``matmul_add``.
+    """Fused CUDA kernels for the ops, cuBLAS for the GEMMs.
 
-    Arrays handed to the steps must be cupy arrays of one dtype (float32 or float64), C-contiguous
+    Arrays handed to the ops must be cupy arrays of one dtype (float32 or float64), C-contiguous
     (the layer passes ``gates[t]``-style views of contiguous [T,B,...] buffers, which are), on
     the current device; anything else raises :class:`xlstm.errors.InputError` naming the argument.
     """
@@ -232,7 +234,7 @@ class CupyBackend(Backend):
         return _persistent.plan(B, H, np.dtype(dtype).itemsize, sm_count=sms,
                                 smem_per_block=per_block, smem_per_sm=per_sm)
 
-    def _launch_persistent(self, name, dt, args, T, B, H, plan=None):
+    def launch_persistent(self, name, dt, args, T, B, H, plan=None):
         """One cooperative launch of ``name`` with ``args`` + (barrier, T, B, H, KS).
 
         Checks co-residency first: CuPy shrinks a 1-D cooperative grid larger than the device
@@ -258,13 +260,13 @@ class CupyBackend(Backend):
     def _persistent_mode(self) -> str:
         return _persistent.mode_from_env() if self.persistent is None else self.persistent
 
-    def _run_sequence(self, persistent_op, fallback, B, H, precision, *args) -> None:
+    def run_sequence(self, persistent_op, fallback, B, H, precision, *args) -> None:
         """The persistent op where the picker says so and the shape fits, else ``fallback`` (the
         per-step loop, graph-replayed where graphs are active). ``eager()`` forces the fallback.
         Persistent kernels multiply in the array dtype only: a tf32/bf16 ``precision`` always
         runs the per-step loop (``persistent="on"`` raises PersistentUnfit saying so)."""
         mode = self._persistent_mode()
-        if not self._force_eager and _persistent.choose(mode, B=B, H=H, device_name=self.device_info()[0]):
+        if not self.force_eager and _persistent.choose(mode, B=B, H=H, device_name=self.device_info()[0]):
             try:
                 if precision != "float32":
                     raise _persistent.PersistentUnfit(
@@ -279,7 +281,7 @@ class CupyBackend(Backend):
         fallback(*args)
         self.last_path = "per-step"
 
-    def _grid(self, n: int) -> int:
+    def grid(self, n: int) -> int:
         """Blocks for n elements at BLOCK threads each, capped at WAVES blocks per SM."""
         dev = self.xp.cuda.runtime.getDevice()
         sms = self._sm_count.get(dev)
@@ -288,11 +290,11 @@ class CupyBackend(Backend):
         return max(1, min((n + self.BLOCK - 1) // self.BLOCK, sms * self.WAVES))
 
     @staticmethod
-    def _row_block(H: int) -> int:
+    def row_block(H: int) -> int:
         """Threads per row block of the LayerNorm kernels: a multiple of 32, about H, <= 256."""
         return min(256, max(32, (H + 31) // 32 * 32))
 
-    def _tmp(self, key, shape, dtype):
+    def tmp(self, key, shape, dtype):
         """A device scratch buffer reused across time steps (so the loop does not allocate)."""
         return self.scratch.get(key, shape, dtype)
 
@@ -337,7 +339,7 @@ class CupyBackend(Backend):
     def op_scratch(self, spec, name: str, dims: dict, dtype):
         """The scratch buffer ``name`` that ``spec`` declares, for these dimensions (made once)."""
         arg = spec[name]
-        return self._tmp(f"{spec.name}.{name}", spec.shape(name, dims), dtype if arg.dtype == "T" else arg.dtype)
+        return self.tmp(f"{spec.name}.{name}", spec.shape(name, dims), dtype if arg.dtype == "T" else arg.dtype)
 
     # -- GEMM -------------------------------------------------------------------------------
     def _gemm(self):
@@ -359,7 +361,7 @@ class CupyBackend(Backend):
                           file=sys.stderr)
         return self._gemms[dev]
 
-    def _mixed(self):
+    def mixed_gemm(self):
         """The tf32/bf16 operands and products (``cupy_gemm.py``, on ``CublasGemm.gemm_ex``)."""
         m = getattr(self, "_mixed_gemm", None)
         if m is None:
@@ -368,7 +370,7 @@ class CupyBackend(Backend):
             m = self._mixed_gemm = MixedGemm(self)
         return m
 
-    def _cupy_gemm_add(self, a, b, out) -> None:
+    def cupy_gemm_add(self, a, b, out) -> None:
         """out += a @ b through cupy's cuBLAS wrapper (where nvmath-python is missing)."""
         from cupy import cublas
 
@@ -378,9 +380,9 @@ class CupyBackend(Backend):
     def graphs_active(self) -> bool:
         """True when the sequence ops replay CUDA graphs now (switch on, not inside ``eager()``,
         nvmath-python present)."""
-        return bool(self.cuda_graphs) and not self._force_eager and self._gemm() is not None
+        return bool(self.cuda_graphs) and not self.force_eager and self._gemm() is not None
 
-    def _sequence(self, op, args, kwargs):
+    def graph_or_eager(self, op, args, kwargs):
         """The sequence op's reference loop (``xlstm.ops.lstm_sequence``), eager or served by a
         captured graph."""
         fn = ops.REFERENCE[op]
@@ -402,13 +404,13 @@ class CupyBackend(Backend):
             for k in step.kernels:
                 self._kernel(k.name, dt)
             keep += [self.op_scratch(step, s.name, dims, dt) for s in step.scratch]
-        self._grid(1)
+        self.grid(1)
         self._gemm()
         if args.get("precision", "float32") == "bf16":
             self._function("f32_to_bf16")
             # the per-step left operand: hs[t] [B,H] forward, dz[t] [B,4H] backward
             cols = H4 // 4 if "forward" in op else H4
-            keep.append(self._tmp(self._mixed().SCRATCH_A, (B, cols), np.uint16))
+            keep.append(self.tmp(self.mixed_gemm().SCRATCH_A, (B, cols), np.uint16))
         return keep
 
 ops.install(CupyBackend, "cupy")

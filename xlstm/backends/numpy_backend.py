@@ -32,7 +32,7 @@ class NumpyBackend(Backend):
     def to_numpy(self, a, copy: bool = False):
         return np.array(self.asarray(a)) if copy else self.asarray(a)
 
-    def _tmp(self, key, shape, dtype):
+    def tmp(self, key, shape, dtype):
         """A scratch buffer reused across time steps (so the loop does not allocate)."""
         return self.scratch.get(key, shape, dtype)
 

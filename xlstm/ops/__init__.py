@@ -45,7 +45,7 @@ def install(cls, device: str) -> None:
     ``be.lstm_forward_step(...)`` is the op module's function called with ``be``)."""
     for name, fn in implementations(device).items():
         setattr(cls, name, fn)
-    cls.ops = frozenset(implementations(device))
+    cls.op_names = frozenset(implementations(device))
 
 
 def kernels(source: str, typed: bool = True) -> tuple:

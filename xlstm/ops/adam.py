@@ -47,14 +47,14 @@ def passes(be, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step) -> None:
     """The update as one elementwise pass per operation, on ``be.xp`` arrays."""
     if decay != 1.0:
         p *= decay
-    p -= moments(be.xp, m, v, g, be._tmp("adam_d", g.shape, g.dtype), b1, c1, b2, c2, bc2, eps, step)
+    p -= moments(be.xp, m, v, g, be.tmp("adam_d", g.shape, g.dtype), b1, c1, b2, c2, bc2, eps, step)
 
 
 def cupy_adam_step(be, p, g, m, v, decay, b1, c1, b2, c2, bc2, eps, step) -> None:
     """The update in one kernel launch (``kernels/optim.cuh``)."""
     values = locals()
     n = int(p.size)
-    be.launch(ADAM, "adam_step", be._grid(n), be.BLOCK, values, dict(n=n), getattr(p, "dtype", None))
+    be.launch(ADAM, "adam_step", be.grid(n), be.BLOCK, values, dict(n=n), getattr(p, "dtype", None))
 
 
 NUMPY = {"adam_step": passes}

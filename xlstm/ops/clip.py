@@ -32,7 +32,7 @@ def cupy_clip_by_global_norm(be, g, max_norm):
     n = int(g.size)
     values["total"] = be.xp.empty((), "float64")
     be.launch(CLIP, "grad_norm", 1, NORM_THREADS, values, dict(n=n), dt)
-    be.launch(CLIP, "clip_by_norm", be._grid(n), be.BLOCK, values, dict(n=n), dt)
+    be.launch(CLIP, "clip_by_norm", be.grid(n), be.BLOCK, values, dict(n=n), dt)
     return values["total"]
 
 

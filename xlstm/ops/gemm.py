@@ -60,7 +60,7 @@ def numpy_operand(be, a, precision, key):
     if precision == "float32":
         return a
     _warn_emulation(precision)
-    return round_operand(a, precision, out=be._tmp(key, a.shape, np.float32))
+    return round_operand(a, precision, out=be.tmp(key, a.shape, np.float32))
 
 
 def numpy_matmul(be, a, b, out=None, precision="float32"):
@@ -69,7 +69,7 @@ def numpy_matmul(be, a, b, out=None, precision="float32"):
 
 def numpy_matmul_add(be, a, b, out, precision="float32") -> None:
     a, b = numpy_operand(be, a, precision, "gemm_a"), numpy_operand(be, b, precision, "gemm_b")
-    tmp = be._tmp("mm", out.shape, out.dtype)
+    tmp = be.tmp("mm", out.shape, out.dtype)
     with be.gemm_threads(a.shape[0] * a.shape[1] * b.shape[1]):
         np.matmul(a, b, out=tmp)
     out += tmp
@@ -79,13 +79,13 @@ def numpy_matmul_add(be, a, b, out, precision="float32") -> None:
 def cupy_gemm_operand(be, a, precision="float32"):
     if precision == "float32":
         return a
-    return be._mixed().operand(a, precision)
+    return be.mixed_gemm().operand(a, precision)
 
 
 def cupy_matmul(be, a, b, out=None, precision="float32"):
     if precision == "float32":
         return be.xp.matmul(a, b, out=out)
-    return be._mixed().gemm(a, b, out, precision, beta=0.0)
+    return be.mixed_gemm().gemm(a, b, out, precision, beta=0.0)
 
 
 def cupy_matmul_add(be, a, b, out, precision="float32") -> None:
@@ -98,7 +98,7 @@ def cupy_matmul_add(be, a, b, out, precision="float32") -> None:
     these need nvmath-python and say so without it.
     """
     if precision != "float32":
-        be._mixed().gemm(a, b, out, precision, beta=1.0)
+        be.mixed_gemm().gemm(a, b, out, precision, beta=1.0)
         return
     if a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and a.dtype == b.dtype == out.dtype \
             and a.dtype.char in "fd":
@@ -106,7 +106,7 @@ def cupy_matmul_add(be, a, b, out, precision="float32") -> None:
         if g is not None and g.supports(a, b, out):
             g.matmul_add(a, b, out)
             return
-        be._cupy_gemm_add(a, b, out)
+        be.cupy_gemm_add(a, b, out)
     else:
         out += a @ b
 

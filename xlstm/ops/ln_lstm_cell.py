@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lstm_cell import MOD_NAMES, _MODS, carry, dz_ifg, dz_o_and_dCt, one_minus_k
+from .lstm_cell import MOD_NAMES, MODIFIERS, carry, dz_ifg, dz_o_and_dCt, one_minus_k
 from .spec import Arg, Kernel, OpSpec, Scalar
 
 FORWARD = OpSpec(
@@ -45,7 +45,7 @@ FORWARD = OpSpec(
           Arg("c_prev", ("B", "H")), Arg("h_prev", ("B", "H")),
           Arg("c", ("B", "H"), "out"), Arg("h", ("B", "H"), "out"),
           Arg("gain", ("4H",)), Arg("shift", ("4H",)), Arg("c_gain", ("H",)), Arg("c_shift", ("H",)),
-          Scalar("forget_bias"), Scalar("eps")) + _MODS,
+          Scalar("forget_bias"), Scalar("eps")) + MODIFIERS,
     kernels=(Kernel("ln_lstm_forward_step", ("z", "zhat", "rstd", "chat", "rstd_c", "c_prev", "h_prev", "c", "h",
                                              "gain", "shift", "c_gain", "c_shift", "forget_bias", "eps")
                     + MOD_NAMES + ("B", "H")),),
@@ -61,7 +61,7 @@ BACKWARD = OpSpec(
           Arg("dc_prev", ("B", "H"), "out", doc="may alias dc_next"),
           Arg("dh_skip", ("B", "H"), "out", doc="kh * dHt; may alias dh_next"),
           Arg("dgain", ("4H",), "acc"), Arg("dshift", ("4H",), "acc"),
-          Arg("dc_gain", ("H",), "acc"), Arg("dc_shift", ("H",), "acc")) + _MODS,
+          Arg("dc_gain", ("H",), "acc"), Arg("dc_shift", ("H",), "acc")) + MODIFIERS,
     kernels=(Kernel("ln_lstm_backward_step", ("gates", "zhat", "rstd", "chat", "rstd_c", "c_prev", "gain", "c_gain",
                                               "c_shift", "dy", "dh_next", "dc_next", "dz", "dc_prev", "dh_skip",
                                               "part") + MOD_NAMES + ("B", "H")),
@@ -82,8 +82,8 @@ def mean_rows(v3, out):
 
 def _ln_rows(be, v3, vhat3, rstd, eps):
     """vhat3 = (v3 - mean) * rstd over the last axis; v3, vhat3 [B,G,N], rstd [B,G] out."""
-    mean = be._tmp("ln_mean", rstd.shape, rstd.dtype)
-    sq = be._tmp("ln_sq", v3.shape, v3.dtype)
+    mean = be.tmp("ln_mean", rstd.shape, rstd.dtype)
+    sq = be.tmp("ln_sq", v3.shape, v3.dtype)
     mean_rows(v3, mean)
     np.subtract(v3, mean[:, :, None], out=vhat3)
     np.multiply(vhat3, vhat3, out=sq)
@@ -96,9 +96,9 @@ def _ln_rows(be, v3, vhat3, rstd, eps):
 
 def _ln_rows_backward(be, d3, vhat3, rstd):
     """d3 <- rstd * (d3 - mean(d3) - vhat3 * mean(d3 * vhat3)): layer norm's dxhat -> dx."""
-    m1 = be._tmp("ln_m1", rstd.shape, rstd.dtype)
-    m2 = be._tmp("ln_m2", rstd.shape, rstd.dtype)
-    prod = be._tmp("ln_prod", d3.shape, d3.dtype)
+    m1 = be.tmp("ln_m1", rstd.shape, rstd.dtype)
+    m2 = be.tmp("ln_m2", rstd.shape, rstd.dtype)
+    prod = be.tmp("ln_prod", d3.shape, d3.dtype)
     mean_rows(d3, m1)
     np.multiply(d3, vhat3, out=prod)
     mean_rows(prod, m2)
@@ -118,9 +118,9 @@ def _check_rows(*arrays):
 
 def _acc_rows(be, acc, a, b=None):
     """acc += sum over rows of a (times b): the gain/shift gradients of one step."""
-    red = be._tmp("ln_red", acc.shape, acc.dtype)
+    red = be.tmp("ln_red", acc.shape, acc.dtype)
     if b is not None:
-        prod = be._tmp("ln_accprod", a.shape, a.dtype)
+        prod = be.tmp("ln_accprod", a.shape, a.dtype)
         np.multiply(a, b, out=prod)
         a = prod
     np.add.reduce(a, axis=0, out=red)          # np.sum without its wrapper
@@ -146,8 +146,8 @@ def numpy_forward(be, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, s
         s *= 0.5
         s += 0.5
     plain = mask is None and zc is None and zh is None
-    cn = c if plain else be._tmp("c_new", c.shape, c.dtype)
-    h_new = h if plain else be._tmp("h_new", h.shape, h.dtype)
+    cn = c if plain else be.tmp("c_new", c.shape, c.dtype)
+    h_new = h if plain else be.tmp("h_new", h.shape, h.dtype)
     np.multiply(f, c_prev, out=cn)
     np.multiply(g, i, out=h_new)               # h_new as scratch for i*g
     if gmask is not None:
@@ -172,12 +172,12 @@ def numpy_backward(be, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_
     shape, dt = c_prev.shape, c_prev.dtype
     i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
     dz_i, dz_f, dz_g, dz_o = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
-    dHt = be._tmp("dh", shape, dt)
-    dHt_cell = be._tmp("ln_dh_new", shape, dt)
-    dc_in = be._tmp("dc_in", shape, dt)       # (1-kc) * dc_next
-    tanh_cn = be._tmp("tc", shape, dt)        # tanh(cn), recomputed from chat
-    dCt = be._tmp("dc", shape, dt)            # dCnorm, then dCt
-    w = be._tmp("w2", shape, dt)
+    dHt = be.tmp("dh", shape, dt)
+    dHt_cell = be.tmp("ln_dh_new", shape, dt)
+    dc_in = be.tmp("dc_in", shape, dt)       # (1-kc) * dc_next
+    tanh_cn = be.tmp("tc", shape, dt)        # tanh(cn), recomputed from chat
+    dCt = be.tmp("dc", shape, dt)            # dCnorm, then dCt
+    w = be.tmp("w2", shape, dt)
     if mask is None:
         np.add(dy, dh_next, out=dHt)
     else:
@@ -213,7 +213,7 @@ def cupy_forward(be, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, sh
                  forget_bias, eps, mask=None, zc=None, zh=None, gmask=None) -> None:
     values = locals()
     B, H4 = z.shape
-    be.launch(FORWARD, "ln_lstm_forward_step", B, be._row_block(H4 // 4), values, dict(B=B, H=H4 // 4),
+    be.launch(FORWARD, "ln_lstm_forward_step", B, be.row_block(H4 // 4), values, dict(B=B, H=H4 // 4),
               getattr(z, "dtype", None))
 
 
@@ -225,9 +225,9 @@ def cupy_backward(be, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_s
     B, H4 = gates.shape
     dims = dict(B=B, H=H4 // 4)
     values["part"] = be.op_scratch(BACKWARD, "part", dims, dt)
-    be.launch(BACKWARD, "ln_lstm_backward_step", B, be._row_block(H4 // 4), values, dims, dt)
+    be.launch(BACKWARD, "ln_lstm_backward_step", B, be.row_block(H4 // 4), values, dims, dt)
     # column sums over the rows, in row order: deterministic, unlike atomics
-    be.launch(BACKWARD, "ln_accumulate", be._grid(10 * (H4 // 4)), be.BLOCK, values, dims, dt)
+    be.launch(BACKWARD, "ln_accumulate", be.grid(10 * (H4 // 4)), be.BLOCK, values, dims, dt)
 
 
 NUMPY = {"ln_lstm_forward_step": numpy_forward, "ln_lstm_backward_step": numpy_backward}

@@ -36,18 +36,18 @@ import numpy as np
 
 from .spec import Arg, Kernel, OpSpec, Scalar
 
-_MODS = (Arg("mask", ("B",), optional=True, doc="1 inside a sequence, 0 past its end"),
+MODIFIERS = (Arg("mask", ("B",), optional=True, doc="1 inside a sequence, 0 past its end"),
          Arg("zc", ("B", "H"), optional=True, doc="zoneout carry fraction of c"),
          Arg("zh", ("B", "H"), optional=True, doc="zoneout carry fraction of h"),
          Arg("gmask", ("B", "H"), optional=True, doc="recurrent-dropout multiplier of g"))
-MOD_NAMES = tuple(a.name for a in _MODS)
+MOD_NAMES = tuple(a.name for a in MODIFIERS)
 
 FORWARD = OpSpec(
     "lstm_forward_step",
     args=(Arg("z", ("B", "4H"), "inout", doc="in: pre-activations; out: gates i, f, g, o (g before dropout)"),
           Arg("c_prev", ("B", "H")), Arg("h_prev", ("B", "H")),
           Arg("c", ("B", "H"), "out"), Arg("h", ("B", "H"), "out"),
-          Scalar("forget_bias")) + _MODS,
+          Scalar("forget_bias")) + MODIFIERS,
     kernels=(Kernel("lstm_forward_step", ("z", "c_prev", "h_prev", "c", "h", "forget_bias") + MOD_NAMES
                     + ("B", "H")),),
     summary="gate activations and state update of one step")
@@ -59,7 +59,7 @@ BACKWARD = OpSpec(
           Arg("dh_next", ("B", "H")), Arg("dc_next", ("B", "H")),
           Arg("dz", ("B", "4H"), "out"),
           Arg("dc_prev", ("B", "H"), "out", doc="may alias dc_next"),
-          Arg("dh_skip", ("B", "H"), "out", doc="kh * dHt; may alias dh_next")) + _MODS,
+          Arg("dh_skip", ("B", "H"), "out", doc="kh * dHt; may alias dh_next")) + MODIFIERS,
     kernels=(Kernel("lstm_backward_step", ("gates", "c_prev", "dy", "dh_next", "dc_next", "dz", "dc_prev",
                                            "dh_skip") + MOD_NAMES + ("B", "H")),),
     summary="gate gradients of one step (BPTT)")
@@ -100,7 +100,7 @@ def one_minus_k(out, mask, zone):
 
 def carry(be, new, prev, out, mask, zone):
     """out = k*prev + (1-k)*new with k = 1 - mask*(1-zone), i.e. out = prev + (1-k)*(new-prev)."""
-    w = be._tmp("w", new.shape, new.dtype)
+    w = be.tmp("w", new.shape, new.dtype)
     one_minus_k(w, mask, zone)
     np.subtract(new, prev, out=out)
     out *= w
@@ -122,8 +122,8 @@ def numpy_forward(be, z, c_prev, h_prev, c, h, forget_bias, mask=None, zc=None, 
     z *= half
     z += bias
     plain = mask is None and zc is None and zh is None
-    c_new = c if plain else be._tmp("c_new", c.shape, c.dtype)
-    h_new = h if plain else be._tmp("h_new", h.shape, h.dtype)
+    c_new = c if plain else be.tmp("c_new", c.shape, c.dtype)
+    h_new = h if plain else be.tmp("h_new", h.shape, h.dtype)
     np.multiply(f, c_prev, out=c_new)
     if gmask is None:
         np.multiply(i, g, out=h_new)       # h_new as scratch for i*g
@@ -145,10 +145,10 @@ def numpy_backward(be, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip
     shape, dt = c_prev.shape, c_prev.dtype
     i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
     dz_i, dz_f, dz_g, dz_o = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
-    dHt = be._tmp("dh", shape, dt)
-    gd = be._tmp("gd", shape, dt)          # the candidate after dropout, g * gmask
-    tanh_Ct = be._tmp("tc", shape, dt)     # tanh(c_new), recomputed rather than stored
-    dCt = be._tmp("dc", shape, dt)
+    dHt = be.tmp("dh", shape, dt)
+    gd = be.tmp("gd", shape, dt)          # the candidate after dropout, g * gmask
+    tanh_Ct = be.tmp("tc", shape, dt)     # tanh(c_new), recomputed rather than stored
+    dCt = be.tmp("dc", shape, dt)
     if mask is None:
         np.add(dy, dh_next, out=dHt)
     else:
@@ -163,14 +163,14 @@ def numpy_backward(be, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip
     tanh_Ct += dz_g
     np.tanh(tanh_Ct, out=tanh_Ct)
     plain = mask is None and zc is None and zh is None
-    w = be._tmp("w2", shape, dt)
+    w = be.tmp("w2", shape, dt)
     if plain:
         dHt_cell, dc_in = dHt, dc_next
     else:
         one_minus_k(w, mask, zh)                       # 1 - kh
         np.multiply(dHt, w, out=dh_skip)               # dHt_cell, kept in dh_skip for now
         dHt_cell = dh_skip
-        dc_in = be._tmp("dc_in", shape, dt)
+        dc_in = be.tmp("dc_in", shape, dt)
         one_minus_k(w, mask, zc)                       # 1 - kc
         np.multiply(dc_next, w, out=dc_in)
     dz_o_and_dCt(be, dHt_cell, tanh_Ct, o, dc_in, dz_o, dCt)
@@ -225,7 +225,7 @@ def dz_ifg(be, dCt, i, f, g, c_prev, gmask, dz_i, dz_f, dz_g, tmp):
 
 def dsigmoid_mul(be, d, s):
     """d *= s * (1 - s): the sigmoid derivative written through its output s."""
-    t = be._tmp("ds", s.shape, s.dtype)
+    t = be.tmp("ds", s.shape, s.dtype)
     np.multiply(s, s, out=t)
     np.subtract(s, t, out=t)
     d *= t
@@ -235,7 +235,7 @@ def dsigmoid_mul(be, d, s):
 def cupy_forward(be, z, c_prev, h_prev, c, h, forget_bias, mask=None, zc=None, zh=None, gmask=None) -> None:
     values = locals()
     B, H4 = z.shape
-    be.launch(FORWARD, "lstm_forward_step", be._grid(B * (H4 // 4)), be.BLOCK, values,
+    be.launch(FORWARD, "lstm_forward_step", be.grid(B * (H4 // 4)), be.BLOCK, values,
               dict(B=B, H=H4 // 4), getattr(z, "dtype", None))
 
 
@@ -243,7 +243,7 @@ def cupy_backward(be, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip,
                   mask=None, zc=None, zh=None, gmask=None) -> None:
     values = locals()
     B, H4 = gates.shape
-    be.launch(BACKWARD, "lstm_backward_step", be._grid(B * (H4 // 4)), be.BLOCK, values,
+    be.launch(BACKWARD, "lstm_backward_step", be.grid(B * (H4 // 4)), be.BLOCK, values,
               dict(B=B, H=H4 // 4), getattr(gates, "dtype", None))
 
 

@@ -26,7 +26,7 @@ from ..precision import Rounded
 from . import gemm, lstm_cell, ln_lstm_cell
 from .spec import Arg, Kernel, OpSpec, Scalar
 
-_SEQ_MODS = (Arg("mask", ("T", "B"), optional=True), Arg("zc", ("T", "B", "H"), optional=True),
+SEQ_MODIFIERS = (Arg("mask", ("T", "B"), optional=True), Arg("zc", ("T", "B", "H"), optional=True),
              Arg("zh", ("T", "B", "H"), optional=True), Arg("gmask", ("T", "B", "H"), optional=True))
 _PRECISION = Scalar("precision", "str", doc="of the recurrent GEMMs: float32, tf32 or bf16")
 
@@ -36,7 +36,7 @@ FORWARD = OpSpec(
           Arg("hs", ("T+1", "B", "H"), "inout", first=True, doc="in: hs[0]; out: the state after every step"),
           Arg("cs", ("T+1", "B", "H"), "inout", first=True),
           Arg("U", ("H", "4H"), doc="recurrent weights, or their gemm_operand"),
-          Scalar("forget_bias")) + _SEQ_MODS + (_PRECISION,),
+          Scalar("forget_bias")) + SEQ_MODIFIERS + (_PRECISION,),
     kernels=(Kernel("lstm_persistent_forward", ("gates", "hs", "cs", "U", "forget_bias") + lstm_cell.MOD_NAMES,
                     source=PERSISTENT_SOURCE),),
     steps=(lstm_cell.FORWARD,),
@@ -48,7 +48,7 @@ BACKWARD = OpSpec(
           Arg("dh", ("B", "H"), "inout", doc="in: dL/dh_T; out: dL/dh_0"),
           Arg("dc", ("B", "H"), "inout", doc="in: dL/dc_T; out: dL/dc_0"),
           Arg("dz", ("T", "B", "4H"), "out"),
-          Arg("UT", ("4H", "H"), doc="U^T (contiguous), or its gemm_operand")) + _SEQ_MODS + (_PRECISION,),
+          Arg("UT", ("4H", "H"), doc="U^T (contiguous), or its gemm_operand")) + SEQ_MODIFIERS + (_PRECISION,),
     kernels=(Kernel("lstm_persistent_backward", ("gates", "cs", "dy", "dh", "dc", "dz", "UT") + lstm_cell.MOD_NAMES,
                     source=PERSISTENT_SOURCE),),
     steps=(lstm_cell.BACKWARD,),
@@ -62,7 +62,7 @@ LN_FORWARD = OpSpec(
           Arg("hs", ("T+1", "B", "H"), "inout", first=True), Arg("cs", ("T+1", "B", "H"), "inout", first=True),
           Arg("U", ("H", "4H")), Arg("gain", ("4H",)), Arg("shift", ("4H",)),
           Arg("c_gain", ("H",)), Arg("c_shift", ("H",)),
-          Scalar("forget_bias"), Scalar("eps")) + _SEQ_MODS + (_PRECISION,),
+          Scalar("forget_bias"), Scalar("eps")) + SEQ_MODIFIERS + (_PRECISION,),
     steps=(ln_lstm_cell.FORWARD,),
     summary="forward of the LayerNorm cell over all T steps")
 
@@ -74,7 +74,7 @@ LN_BACKWARD = OpSpec(
           Arg("dy", ("T", "B", "H")), Arg("dh", ("B", "H"), "inout"), Arg("dc", ("B", "H"), "inout"),
           Arg("dz", ("T", "B", "4H"), "out"), Arg("UT", ("4H", "H")),
           Arg("dgain", ("4H",), "acc"), Arg("dshift", ("4H",), "acc"),
-          Arg("dc_gain", ("H",), "acc"), Arg("dc_shift", ("H",), "acc")) + _SEQ_MODS + (_PRECISION,),
+          Arg("dc_gain", ("H",), "acc"), Arg("dc_shift", ("H",), "acc")) + SEQ_MODIFIERS + (_PRECISION,),
     steps=(ln_lstm_cell.BACKWARD,),
     summary="BPTT of the LayerNorm cell over all T steps")
 
@@ -173,14 +173,14 @@ def numpy_forward(be, gates, hs, cs, U, forget_bias, mask=None, zc=None, zh=None
     T, B, H4 = gates.shape
     H = H4 // 4
     if not (mask is None and zc is None and zh is None and gmask is None and precision == "float32"
-            and not isinstance(U, Rounded) and gates.flags.c_contiguous and not be._force_eager):
+            and not isinstance(U, Rounded) and gates.flags.c_contiguous and not be.force_eager):
         return forward_loop(be, gates, hs, cs, U, forget_bias, mask, zc, zh, gmask, precision)
     half, bias = lstm_cell.gate_consts(be, (B, H4), gates.dtype)
     gates *= half[0]
     fb = 0.5 * forget_bias
     Uh = np.multiply(U, half[0], dtype=gates.dtype)     # U's i, f, o columns halved (exact)
-    tmp = be._tmp("fs_mm", (B, H4), gates.dtype)
-    x = be._tmp("fs_x", (B, H), gates.dtype)
+    tmp = be.tmp("fs_mm", (B, H4), gates.dtype)
+    x = be.tmp("fs_x", (B, H), gates.dtype)
     # per-step views made once by iterating the arrays (cheaper than indexing in the loop)
     steps = zip(gates, gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:],
                 cs[:-1], cs[1:], hs[:-1], hs[1:])
@@ -247,9 +247,9 @@ def numpy_backward(be, gates, cs, dy, dh, dc, dz, UT, mask=None, zc=None, zh=Non
     dCt_fac *= o
     dz_icf = dz.reshape(T, B, 4, H)[:, :, :3]          # the i, f, g blocks of a step as [B,3,H]
     dCt_b = dc[:, None, :]                             # dCt broadcast over those three blocks
-    x = be._tmp("bs_x", dc.shape, dc.dtype)
+    x = be.tmp("bs_x", dc.shape, dc.dtype)
     UT = gemm.numpy_operand(be, UT, precision, "bs_UT")    # rounded once (tf32/bf16), not per step
-    dz_r = None if precision == "float32" else be._tmp("bs_dz_r", dz.shape[1:], dz.dtype)
+    dz_r = None if precision == "float32" else be.tmp("bs_dz_r", dz.shape[1:], dz.dtype)
     with be.gemm_threads(B * H4 * H):                  # the per-step GEMM, as in matmul_add
         for t in reversed(range(T)):
             dh += dy[t]                                # dHt
@@ -279,7 +279,7 @@ def persistent_forward(be, gates, hs, cs, U, forget_bias, mask=None, zc=None, zh
     values, dt, dims = locals(), getattr(gates, "dtype", None), _dims(gates)
     args = be.kernel_args(FORWARD, "lstm_persistent_forward", values, dims, dt)
     if dims["T"] > 0:
-        be._launch_persistent("lstm_persistent_forward", dt, args, dims["T"], dims["B"], dims["H"])
+        be.launch_persistent("lstm_persistent_forward", dt, args, dims["T"], dims["B"], dims["H"])
 
 
 def persistent_backward(be, gates, cs, dy, dh, dc, dz, UT, mask=None, zc=None, zh=None, gmask=None) -> None:
@@ -287,15 +287,15 @@ def persistent_backward(be, gates, cs, dy, dh, dc, dz, UT, mask=None, zc=None, z
     values, dt, dims = locals(), getattr(gates, "dtype", None), _dims(gates)
     args = be.kernel_args(BACKWARD, "lstm_persistent_backward", values, dims, dt)
     if dims["T"] > 0:
-        be._launch_persistent("lstm_persistent_backward", dt, args, dims["T"], dims["B"], dims["H"])
+        be.launch_persistent("lstm_persistent_backward", dt, args, dims["T"], dims["B"], dims["H"])
 
 
 def cupy_forward(be, gates, hs, cs, U, forget_bias, mask=None, zc=None, zh=None, gmask=None,
                  precision="float32") -> None:
     """``forward_loop``'s result: persistent where picked, else eager or replayed as a graph."""
     B, H = hs.shape[1:]
-    be._run_sequence(be.persistent_lstm_forward_sequence,
-                     lambda *a: be._sequence("lstm_forward_sequence", a, {"precision": precision}),
+    be.run_sequence(be.persistent_lstm_forward_sequence,
+                     lambda *a: be.graph_or_eager("lstm_forward_sequence", a, {"precision": precision}),
                      B, H, precision, gates, hs, cs, U, forget_bias, mask, zc, zh, gmask)
 
 
@@ -303,19 +303,19 @@ def cupy_backward(be, gates, cs, dy, dh, dc, dz, UT, mask=None, zc=None, zh=None
                   precision="float32") -> None:
     """``backward_loop``'s result: persistent where picked, else eager or replayed as a graph."""
     B, H = dh.shape
-    be._run_sequence(be.persistent_lstm_backward_sequence,
-                     lambda *a: be._sequence("lstm_backward_sequence", a, {"precision": precision}),
+    be.run_sequence(be.persistent_lstm_backward_sequence,
+                     lambda *a: be.graph_or_eager("lstm_backward_sequence", a, {"precision": precision}),
                      B, H, precision, gates, cs, dy, dh, dc, dz, UT, mask, zc, zh, gmask)
 
 
 def cupy_ln_forward(be, *args, **kwargs) -> None:
     """``ln_forward_loop``'s result, eager or replayed as a graph."""
-    be._sequence("ln_lstm_forward_sequence", args, kwargs)
+    be.graph_or_eager("ln_lstm_forward_sequence", args, kwargs)
 
 
 def cupy_ln_backward(be, *args, **kwargs) -> None:
     """``ln_backward_loop``'s result, eager or replayed as a graph."""
-    be._sequence("ln_lstm_backward_sequence", args, kwargs)
+    be.graph_or_eager("ln_lstm_backward_sequence", args, kwargs)
 
 
 NUMPY = {"lstm_forward_sequence": numpy_forward, "lstm_backward_sequence": numpy_backward}

@@ -53,7 +53,7 @@ def cupy_xent(be, logits, targets, count):
         targets = targets.astype(np.int64)
     dt = logits.dtype
     values = dict(logits=logits, targets=targets, count=count, dx=be.xp.empty((N, V), dt), nll=be.xp.empty((N,), dt))
-    be.launch(XENT, "softmax_xent", max(1, min(N, be._grid(N * XENT_THREADS))), XENT_THREADS, values,
+    be.launch(XENT, "softmax_xent", max(1, min(N, be.grid(N * XENT_THREADS))), XENT_THREADS, values,
               dict(N=N, V=V), dt)
     return values["nll"], values["dx"]
 
