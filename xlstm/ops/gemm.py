@@ -25,7 +25,18 @@ MATMUL_ADD = OpSpec(
     kernels=(Kernel("f32_to_bf16", typed=False),),     # launched by backends/cupy_gemm.py (bf16 operands)
     summary="out += a @ b")
 
-SPECS = (MATMUL_ADD,)
+MATMUL = OpSpec(
+    "matmul",
+    args=(Arg("a", ("M", "K")), Arg("b", ("K", "N")), Arg("out", ("M", "N"), "out", optional=True),
+          Scalar("precision", "str")),
+    summary="a @ b (into out when given; returned)")
+
+GEMM_OPERAND = OpSpec(
+    "gemm_operand",
+    args=(Arg("a", ("M", "K")), Scalar("precision", "str")),
+    summary="a prepared once for many products in precision: itself (float32) or a Rounded operand")
+
+SPECS = (MATMUL_ADD, MATMUL, GEMM_OPERAND)
 
 _WARNED: set = set()
 
