@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lstm_cell import MOD_NAMES, MODIFIERS, carry, dz_ifg, dz_o_and_dCt, one_minus_k
+from .lstm_cell import MOD_NAMES, MODIFIERS, activate, carry, dz_ifg, dz_o_and_dCt, one_minus_k
 from .spec import Arg, Kernel, OpSpec, Scalar
 
 FORWARD = OpSpec(
@@ -135,16 +135,7 @@ def numpy_forward(be, z, zhat, rstd, chat, rstd_c, c_prev, h_prev, c, h, gain, s
     np.multiply(zhat, gain, out=z)
     z += shift
     i, f, g, o = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
-    if forget_bias:
-        f += forget_bias
-    # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5, as in the plain cell
-    ifo_1, ifo_2 = z[:, :2 * H], o
-    ifo_1 *= 0.5
-    ifo_2 *= 0.5
-    np.tanh(z, out=z)
-    for s in (ifo_1, ifo_2):
-        s *= 0.5
-        s += 0.5
+    activate(be, z, forget_bias)
     plain = mask is None and zc is None and zh is None
     cn = c if plain else be.tmp("c_new", c.shape, c.dtype)
     h_new = h if plain else be.tmp("h_new", h.shape, h.dtype)

@@ -107,20 +107,29 @@ def carry(be, new, prev, out, mask, zone):
     out += prev
 
 
-def numpy_forward(be, z, c_prev, h_prev, c, h, forget_bias, mask=None, zc=None, zh=None, gmask=None) -> None:
-    H = c.shape[1]
-    i, f, g, o = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+def activate(be, z, forget_bias) -> None:
+    """z [B,4H] (C-contiguous) -> the gates i, f, g, o in place: sigmoid on i, f (after adding
+    forget_bias) and o, tanh on g.
+
+    sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates, never overflows.
+    The 0.5s are per-column constants (1 and 0 on the g block, exact), so the whole [B,4H] row
+    takes three passes instead of six calls on the i, f and o blocks (fewer calls matter at
+    small H, where each ufunc call costs more than its arithmetic). Both cells use it.
+    """
     if forget_bias:
-        f += forget_bias
-    # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates, never overflows.
-    # The 0.5s are per-column constants (1 and 0 on the g block), so the whole [B,4H] row
-    # takes three passes instead of six calls on the i,f and o blocks (fewer calls matter
-    # at small H, where each ufunc call costs more than its arithmetic).
+        H = z.shape[1] // 4
+        z[:, H:2 * H] += forget_bias
     half, bias = gate_consts(be, z.shape, z.dtype)
     z *= half
     np.tanh(z, out=z)
     z *= half
     z += bias
+
+
+def numpy_forward(be, z, c_prev, h_prev, c, h, forget_bias, mask=None, zc=None, zh=None, gmask=None) -> None:
+    H = c.shape[1]
+    i, f, g, o = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+    activate(be, z, forget_bias)
     plain = mask is None and zc is None and zh is None
     c_new = c if plain else be.tmp("c_new", c.shape, c.dtype)
     h_new = h if plain else be.tmp("h_new", h.shape, h.dtype)
