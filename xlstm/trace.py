@@ -240,7 +240,8 @@ def record(lstm):
     tr = Trace(_title(lstm))
     prev, lstm.tracer = lstm.tracer, tr
     try:
-        yield tr
+        with lstm.backend.eager():     # the per-step loop, whose ops the trace checks (no graphs)
+            yield tr
     finally:
         lstm.tracer = prev
         lstm.last_trace = tr
@@ -258,7 +259,8 @@ def traced_call(lstm, which: str, *args):
         tr = Trace(_title(lstm))
     prev, lstm.tracer = lstm.tracer, tr
     try:
-        out = getattr(lstm, which)(*args)
+        with lstm.backend.eager():     # the per-step loop, whose ops the trace checks (no graphs)
+            out = getattr(lstm, which)(*args)
     finally:
         lstm.tracer = prev
     lstm.last_trace = tr
