@@ -30,7 +30,7 @@ if __package__ in (None, ""):                 # run as a script from a source ch
 
 from xlstm.backends import resolve  # noqa: E402
 from xlstm.errors import XlstmError  # noqa: E402
-from xlstm.layers import ONEHOT_MAX_ELEMENTS, scatter_add_rows  # noqa: E402
+from xlstm.ops.embedding_scatter import ONEHOT_MAX_ELEMENTS, scatter_add_rows  # noqa: E402
 
 VOCABS = (65, 256, 1024, 8192, 50257)
 TOKENS = (2048, 8192)        # T*B: 64x32 and 256x32

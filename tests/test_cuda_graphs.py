@@ -599,10 +599,10 @@ def test_bench_floor_graph_keeps_the_bf16_scratch_it_baked_in(graphed):
     f = bench.GemmFloor(be.xp, T, B, D, H, 1, np.dtype("float32"), seed=0, backend=be, precision="bf16")
     f.step()                                   # eager run + capture
     assert f.captured
-    refs = [weakref.ref(v) for k, v in be._scratch.items()
-            if k[0] == be._mixed().SCRATCH_A and k[1] in ((B, H), (B, 4 * H))]
+    refs = [weakref.ref(v) for k, v in be.scratch._bufs.items()
+            if k[0] == be.mixed_gemm().SCRATCH_A and k[1] in ((B, H), (B, 4 * H))]
     assert len(refs) == 2                      # the per-step left operands: [B,H] forward, [B,4H] backward
-    be._scratch.clear()
+    be.scratch.clear()
     gc.collect()
     assert all(r() is not None for r in refs), "the graph's scratch was freed under it"
     L = f.layers[0]

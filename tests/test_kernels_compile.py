@@ -12,7 +12,7 @@ must run in CI; see ``test_at_least_one_compiler``):
 
 Every source of ``xlstm.kernels.SOURCES`` (the per-step kernels and the persistent ones) is
 compiled on its own, as the backend loads each into its own module. Each PTX must contain a
-``.entry`` for every kernel name of ``xlstm.kernels.entry_names(source)``. Where nvcc exists,
+``.entry`` for every kernel name of ``xlstm.ops.entry_names(source)``. Where nvcc exists,
 ptxas also assembles every kernel to a cubin for sm_80 and sm_90 and its resource report is
 checked (no register spills; registers fit the backend's largest block for that source).
 """
@@ -25,8 +25,8 @@ import subprocess
 import pytest
 
 from xlstm.backends.persistent import MAX_THREADS
-from xlstm.kernels import KERNELS_DIR, MAIN_SOURCE, PERSISTENT_SOURCE, SOURCES, entry_names, kernel_path, \
-    kernel_source
+from xlstm.kernels import KERNELS_DIR, MAIN_SOURCE, PERSISTENT_SOURCE, SOURCES, kernel_path, kernel_source
+from xlstm.ops import entry_names
 
 ARCHS = ("80", "90")
 # The options CupyBackend passes to RawModule (plus the architecture).

@@ -19,7 +19,7 @@ import xlstm
 from xlstm import precision as P
 from xlstm import precision_error as PE
 from xlstm.backends import resolve
-from xlstm.backends import numpy_backend
+from xlstm.ops import gemm
 from xlstm.errors import InputError
 from xlstm.precision import PrecisionEmulationWarning, Rounded
 
@@ -150,7 +150,7 @@ def test_trace_refuses_reduced_precision():
 
 
 def test_numpy_emulation_warns_once(monkeypatch):
-    monkeypatch.setattr(numpy_backend, "_WARNED", set())
+    monkeypatch.setattr(gemm, "_WARNED", set())
     m = xlstm.LSTM(3, 4, seed=0, precision="bf16", backend="numpy")
     x = np.ones((2, 1, 3), np.float32)
     with pytest.warns(PrecisionEmulationWarning, match="EMULATION.*SLOWER"):

@@ -128,12 +128,7 @@ def test_the_adam_kernel_equals_the_numpy_adam_bitwise(host_lib, monkeypatch, dt
     n = sum(int(np.prod(s)) for s in shapes.values())
 
     def views(buf):
-        out, off = {}, 0
-        for k, s in shapes.items():
-            size = int(np.prod(s))
-            out[k] = buf[off:off + size].reshape(s)
-            off += size
-        return out
+        return dict(zip(shapes, xlstm.flat.views(buf, shapes.values())))
     P0 = rng.standard_normal(n).astype(dtype)
     host = (views(P0.copy()), views(np.zeros(n, dtype)))
     dev = (views(be.asarray(P0.copy())), views(be.xp.zeros(n, dtype)))
@@ -213,11 +208,7 @@ def test_clip_on_device_equals_the_host_clip_bitwise(max_norm, flat):
         if not flat:
             return [a.copy() for a in src]
         buf = np.concatenate([a.ravel() for a in src])
-        out, off = [], 0
-        for a in src:
-            out.append(buf[off:off + a.size].reshape(a.shape))
-            off += a.size
-        return out
+        return xlstm.flat.views(buf, [a.shape for a in src])
     g1, g2 = grads(), grads()
     n1 = optim.clip_grad_norm(g1, max_norm)
     n2 = optim.clip_grad_norm(g2, max_norm, on_device=True)
@@ -313,12 +304,15 @@ def gpu_be():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gpu_adam_kernel_equals_cupys_passes_bitwise(gpu_be, monkeypatch, dtype):
-    # the fused kernel against the same update as CuPy elementwise passes (adam_step hidden),
-    # values in the normal range (the GPU flushes float32 denormals to zero in the kernel)
+    # the fused kernel against the same update as CuPy elementwise passes (the op's NumPy
+    # implementation, ``adam.passes``, run on CuPy arrays), values in the normal range (the GPU
+    # flushes float32 denormals to zero in the kernel)
+    from xlstm.ops import adam
+
     runs = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(gpu_be, "adam_step", None, raising=False)
+            monkeypatch.setattr(gpu_be, "adam_step", lambda *a: adam.passes(gpu_be, *a))
         model = xlstm.Sequential(xlstm.Embedding(13, 4, seed=0, dtype=dtype, backend=gpu_be),
                                  xlstm.Dense(4, 13, seed=0, dtype=dtype, backend=gpu_be))
         distributed.FlatParams(model)
@@ -369,7 +363,7 @@ def test_clip_kernels_on_the_flat_buffer(host_lib, monkeypatch, dtype, case):
     g0[5] = {"inf": np.inf, "nan": np.nan}.get(case, g0[5])
     max_norm = 1e6 if case == "below" else 1.0
     buf = be.asarray(g0.copy())
-    views = [buf[:300].reshape(20, 15), buf[300:301], buf[301:]]
+    views = xlstm.flat.views(buf, [(20, 15), (1,), (699,)])
     fake.counts.reset()
     total = optim.clip_grad_norm(views, max_norm, on_device=True)
     sfx = "f32" if dtype == "float32" else "f64"
@@ -398,13 +392,13 @@ def test_gpu_clip_kernels_match_the_numpy_clip(gpu_be, dtype):
     host = [g0.copy()]
     n1 = optim.clip_grad_norm(host, 1.0)
     dev = gpu_be.asarray(g0.copy())
-    n2 = optim.clip_grad_norm([dev[:3], dev[3:]], 1.0, on_device=True)
+    n2 = optim.clip_grad_norm(xlstm.flat.views(dev, [(3,), (g0.size - 3,)]), 1.0, on_device=True)
     # NumPy sums 100k float32 squares in float32 (rounding ~sqrt(n) eps), the kernel in float64
     tol = {"float32": 1e-4, "float64": 1e-12}[dtype]
     assert abs(float(n2) - n1) <= tol * n1
     np.testing.assert_allclose(gpu_be.to_numpy(dev), host[0], rtol=tol, atol=tol * np.abs(host[0]).max())
     again = gpu_be.asarray(g0.copy())             # a fixed order: the same bits every time
-    n3 = optim.clip_grad_norm([again[:3], again[3:]], 1.0, on_device=True)
+    n3 = optim.clip_grad_norm(xlstm.flat.views(again, [(3,), (g0.size - 3,)]), 1.0, on_device=True)
     assert float(n3) == float(n2) and gpu_be.to_numpy(again).tobytes() == gpu_be.to_numpy(dev).tobytes()
 
 

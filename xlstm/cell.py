@@ -16,7 +16,7 @@ Forward of step t (x [B,D], h_prev/c_prev [B,H], W [D,4H], U [H,4H], b [4H]):
 
 Optional per-step modifiers (all None in the plain cell): ``gmask`` multiplies Cproj
 (recurrent dropout), ``mask`` [B] freezes finished sequences, ``zc``/``zh`` [B,H] are zoneout
-carry fractions; see ``xlstm/backends/base.py`` for the combined equations.
+carry fractions; see ``xlstm/ops/lstm_cell.py`` for the combined equations.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ import numpy as np
 from .gates import sigmoid, split
 
 
-def _carry(mask, zone, like):
-    """k = 1 - mask * (1 - zone): the fraction of the previous state that is kept."""
+def carry_fraction(mask, zone, like):
+    """k = 1 - mask * (1 - zone) [B,H]: the fraction of the previous state that is kept
+    (kc for the cell state, kh for the hidden state); ``like`` gives shape and dtype."""
     m = np.ones(like.shape[0], like.dtype) if mask is None else mask
     z = np.zeros_like(like) if zone is None else zone
     return 1.0 - m[:, None] * (1.0 - z)
@@ -43,7 +44,7 @@ def pointwise_forward(z, c_prev, h_prev, forget_bias, mask=None, zc=None, zh=Non
     Cproj_d = Cproj if gmask is None else Cproj * gmask
     Ct = Ft * c_prev + It * Cproj_d
     Ht = Ot * np.tanh(Ct)
-    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, h_prev)
+    kc, kh = carry_fraction(mask, zc, c_prev), carry_fraction(mask, zh, h_prev)
     c = kc * c_prev + (1 - kc) * Ct
     h = kh * h_prev + (1 - kh) * Ht
     return np.concatenate([It, Ft, Cproj, Ot], axis=-1), c, h
@@ -58,11 +59,18 @@ def pointwise_backward(gates, c_prev, dy, dh_next, dc_next, mask=None, zc=None, 
     w.r.t. h_prev that bypasses the gates (nonzero only with mask/zoneout); the full
     dh_prev = dh_skip + dz @ U^T (see ``step_backward``).
     """
+    r = pointwise_backward_named(gates, c_prev, dy, dh_next, dc_next, mask, zc, zh, gmask)
+    return r["dz"], r["dc_prev"], r["dh_skip"]
+
+
+def pointwise_backward_named(gates, c_prev, dy, dh_next, dc_next, mask=None, zc=None, zh=None, gmask=None):
+    """``pointwise_backward`` with every named gradient: a dict of dHt, dOt, dCt, dCprojt, dFt,
+    dIt [B,H], dz [B,4H], dc_prev, dh_skip [B,H] (what ``xlstm.trace`` records)."""
     H = c_prev.shape[1]
     It, Ft, Cproj, Ot = split(gates, H)
     m = np.ones(c_prev.shape[0], c_prev.dtype) if mask is None else mask
     gm = np.ones_like(Cproj) if gmask is None else gmask
-    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, c_prev)
+    kc, kh = carry_fraction(mask, zc, c_prev), carry_fraction(mask, zh, c_prev)
     Ct = Ft * c_prev + It * Cproj * gm               # recomputed, not stored
     tanh_Ct = np.tanh(Ct)
 
@@ -82,7 +90,8 @@ def pointwise_backward(gates, c_prev, dy, dh_next, dc_next, mask=None, zc=None, 
 
     dc_prev = kc * dc_next + dCt * Ft                # the seed's dc_next for step t-1
     dh_skip = kh * dHt
-    return dz, dc_prev, dh_skip
+    return dict(dHt=dHt, dOt=dOt, dCt=dCt, dCprojt=dCprojt, dFt=dFt, dIt=dIt, dz=dz, dc_prev=dc_prev,
+                dh_skip=dh_skip)
 
 
 def step_forward(x, h_prev, c_prev, W, U, b, forget_bias=1.0):

@@ -11,6 +11,7 @@ import contextlib
 
 import numpy as np
 
+from .backends.base import is_device_array
 from .errors import InputError
 
 # Checks of device (cupy) arrays queued by ``deferred()``: (backend, 0-d bool "ok" on the device,
@@ -18,15 +19,11 @@ from .errors import InputError
 _pending: list | None = None
 
 
-def _is_cupy(a) -> bool:
-    return type(a).__module__.startswith("cupy")
-
-
 def host_numpy(a) -> np.ndarray:
     """``a`` as a NumPy array on the host: torch tensors (detached), cupy arrays, lists."""
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
-    elif _is_cupy(a):
+    elif is_device_array(a):
         a = a.get()
     return np.asarray(a)
 
@@ -43,10 +40,10 @@ def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,
     """
     if a is None:
         raise InputError(f"{name} is None; expected an array {dims}".rstrip())
-    if _is_cupy(a) and backend.name != "cupy":
+    if is_device_array(a) and backend.name != "cupy":
         raise InputError(f"{name} is a cupy (GPU) array but the model lives on the '{backend.name}' "
                          f"backend; move the model with .to('cupy') or the array with .get()")
-    if not _is_cupy(a):
+    if not is_device_array(a):
         from_python = not isinstance(a, np.ndarray)
         a = np.asarray(a)
         if a.dtype.kind not in "iubf":
@@ -80,7 +77,7 @@ def require(backend, ok, message) -> None:
     the device to validate its inputs. ``message``: a string, or a function returning one
     (called only on failure, so it may read device values).
     """
-    if _pending is not None and _is_cupy(ok):
+    if _pending is not None and is_device_array(ok):
         _pending.append((backend, ok, message))
         return
     if not bool(ok):
@@ -96,7 +93,7 @@ def check_range(backend, a, name: str, lo: int, hi: int, what: str) -> None:
         return
     msg = lambda: (f"{name} must lie in [{lo}, {hi}) ({what}), "  # noqa: E731
                    f"got values in [{int(a.min())}, {int(a.max())}]")
-    if not _is_cupy(a):
+    if not is_device_array(a):
         if a.min() < lo or a.max() >= hi:
             raise InputError(msg())
         return

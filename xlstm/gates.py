@@ -8,7 +8,6 @@ TensorFlow orders its kernel columns ``i, j, f, o``; ``interop`` reorders.
 from __future__ import annotations
 
 ORDER = ("i", "f", "g", "o")
-TF_ORDER = ("i", "j", "f", "o")          # j == g
 TF_TO_OURS = (0, 2, 1, 3)                # our gate k is TensorFlow's block TF_TO_OURS[k]
 
 
@@ -21,6 +20,3 @@ def sigmoid(xp, x):
     """1 / (1 + exp(-x)) written as 0.5 * tanh(0.5 x) + 0.5, which never overflows."""
     return 0.5 * xp.tanh(0.5 * x) + 0.5
 
-
-def tanh(xp, x):
-    return xp.tanh(x)

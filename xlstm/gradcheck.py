@@ -88,7 +88,7 @@ def gradcheck_lstm(lstm, x, state=None, lengths=None, eps=1e-6, tol=1e-6, max_en
     The model should be float64; its dropout/zoneout masks are drawn once and reused, so the
     loss is a fixed smooth function. Returns a GradcheckReport.
     """
-    be, xp = lstm.backend, lstm.xp
+    be = lstm.backend
     rng = np.random.default_rng(seed)
     x = be.asarray(np.array(be.to_numpy(x), dtype=lstm.dtype))
     T, B = x.shape[:2]

@@ -22,12 +22,12 @@ The LayerNorm LSTM step (no bias; own gain/shift per gate; the NORMALISED cell s
     c_new  = Ft * c_prev + It * Cproj * gmask            (gmask: recurrent dropout on Cproj)
     cn     = LN_c(c_new)                                 TensorFlow's "state" norm
     h_new  = Ot * tanh(cn)
-    c, h   = carry(cn, c_prev, zc), carry(h_new, h_prev, zh)   (mask / zoneout, see backends/base.py)
+    c, h   = carry(cn, c_prev, zc), carry(h_new, h_prev, zh)   (mask / zoneout, see xlstm/ops/lstm_cell.py)
 
 Here: the readable reference (fresh arrays, seed names) in ``layer_norm_forward/backward`` and
 ``ln_cell_forward/backward``, and ``tf_layer_norm_params`` for ``interop.from_tf``. The
 layer's time loop is the backend's ``ln_lstm_forward_sequence`` / ``ln_lstm_backward_sequence``
-(``xlstm/backends/base.py``) over its fused in-place ``ln_lstm_*_step`` ops.
+(``xlstm/ops/lstm_sequence.py``) over its fused in-place ``ln_lstm_*_step`` ops.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from .checks import host_numpy as _np
 from .errors import InputError
+from .cell import carry_fraction
 from .gates import sigmoid, split
 
 
@@ -71,13 +72,6 @@ def _gate_ln_forward(z, gain, shift, eps):
     return zn.reshape(B, H4), zhat.reshape(B, H4), rstd.reshape(B, 4)
 
 
-def _carry(mask, zone, like):
-    """k = 1 - mask * (1 - zone): the fraction of the previous state kept (as xlstm/cell.py)."""
-    m = np.ones(like.shape[0], like.dtype) if mask is None else mask
-    z = np.zeros_like(like) if zone is None else zone
-    return 1.0 - m[:, None] * (1.0 - z)
-
-
 # -- the LayerNorm LSTM step, readable reference --------------------------------------------
 def ln_cell_forward(z, c_prev, h_prev, gain, shift, c_gain, c_shift, forget_bias=1.0, eps=1e-12,
                     mask=None, zc=None, zh=None, gmask=None):
@@ -97,7 +91,7 @@ def ln_cell_forward(z, c_prev, h_prev, gain, shift, c_gain, c_shift, forget_bias
     c_new = Ft * c_prev + It * Cproj * gm
     cn, chat, rstd_c = layer_norm_forward(c_new, c_gain, c_shift, eps)
     h_new = Ot * np.tanh(cn)
-    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, h_prev)
+    kc, kh = carry_fraction(mask, zc, c_prev), carry_fraction(mask, zh, h_prev)
     c = kc * c_prev + (1 - kc) * cn
     h = kh * h_prev + (1 - kh) * h_new
     return dict(z=z, zhat=zhat, rstd=rstd, zn=zn, It=It, Ft=Ft, Cproj=Cproj, Ot=Ot, c_new=c_new,
@@ -118,7 +112,7 @@ def ln_cell_backward(fwd, c_prev, gain, c_gain, dy, dh_next, dc_next,
     It, Ft, Cproj, Ot, cn = fwd["It"], fwd["Ft"], fwd["Cproj"], fwd["Ot"], fwd["cn"]
     m = np.ones(B, c_prev.dtype) if mask is None else mask
     gm = np.ones_like(Cproj) if gmask is None else gmask
-    kc, kh = _carry(mask, zc, c_prev), _carry(mask, zh, c_prev)
+    kc, kh = carry_fraction(mask, zc, c_prev), carry_fraction(mask, zh, c_prev)
     tanh_cn = np.tanh(cn)
 
     dHt = m[:, None] * dy + dh_next

@@ -14,6 +14,7 @@ import numpy as np
 from .checks import as_array, check_range
 from .errors import InputError, StateError
 from .module import Module
+from .ops.embedding_scatter import SCATTER_METHODS, scatter_add_rows  # noqa: F401  (public here too)
 
 
 def _check_size(value, name: str) -> int:
@@ -86,59 +87,6 @@ class Dense(Module):
     def __repr__(self):
         prec = "" if self.precision == "float32" else f", precision='{self.precision}'"
         return f"Dense({self.in_features}, {self.out_features}, bias={self.bias}, dtype='{self.dtype.name}'{prec})"
-
-
-# -- the embedding gradient, deterministic on every backend ----------------------------------------
-# dE[v] += sum_n [ids[n] == v] dy[n]. ``xp.add.at`` would do it, but CuPy implements it with
-# atomicAdd, so the order of the float additions (and the last bits of dE) changes from run
-# to run, and so does every later step of a training run (issue 9). Both ways below add in
-# an order fixed by the data alone.
-SCATTER_METHODS = ("auto", "sort", "onehot")
-ONEHOT_MAX_VOCAB = 256           # "auto": one-hot GEMM up to this vocabulary ...
-ONEHOT_MAX_ELEMENTS = 1 << 24    # ... and while the [V, N] one-hot matrix stays this small
-
-
-def scatter_add_rows(xp, out, ids, rows, method: str = "auto") -> None:
-    """out[ids[n]] += rows[n] for every n, repeated ids summed, in a fixed order.
-
-    out [V, dim]; ids [N] integers in [0, V); rows [N, dim] (out's dtype).
-    method "onehot": out += onehot(ids)^T @ rows, onehot [N, V] (one GEMM; rows of zeros
-    and ones, so each sum is dy's rows in the GEMM's order; a non-finite dy row turns the
-    whole of out non-finite, as 0 * inf = nan).
-    method "sort": a stable argsort groups equal ids into segments, an inclusive segmented
-    scan (Hillis-Steele: pass d adds the row d places back when it has the same id; log2 of
-    the longest segment passes) leaves each segment's sum on its last row, and those rows
-    go to their ids, which are now distinct. Memory O(N * dim) whatever V.
-    "auto": onehot for V <= ONEHOT_MAX_VOCAB with V * N <= ONEHOT_MAX_ELEMENTS, else sort.
-    ``benchmarks/embedding_grad.py`` measures both; on a shared 2-core CPU (N 2048-8192, dim
-    64-256) onehot was faster in most cells up to V = 256 (up to 8x at V = 65) and slower
-    from V = 512. On a GPU (one GEMM, no host sync; sort syncs twice) it is not measured yet.
-    """
-    if method not in SCATTER_METHODS:
-        raise InputError(f"method must be one of {SCATTER_METHODS}, got {method!r}")
-    N, V = ids.shape[0], out.shape[0]
-    if N == 0:
-        return
-    if method == "auto":
-        method = "onehot" if V <= ONEHOT_MAX_VOCAB and V * N <= ONEHOT_MAX_ELEMENTS else "sort"
-    if method == "onehot":
-        # arange in its default int64: in the ids' dtype (uint8, say) it would wrap past 255
-        onehot = (ids[:, None] == xp.arange(V)[None, :]).astype(out.dtype)
-        out += onehot.T @ rows
-        return
-    order = xp.argsort(ids, kind="stable")
-    keys = ids[order]
-    acc = rows[order]                                   # a copy: the scan writes into it
-    last = xp.ones(N, dtype=bool)                       # the last row of each segment
-    last[:-1] = keys[1:] != keys[:-1]
-    ends = xp.nonzero(last)[0]
-    longest = int((ends - xp.concatenate([xp.full(1, -1, ends.dtype), ends[:-1]])).max())
-    d = 1
-    while d < longest:
-        same = (keys[d:] == keys[:-d])[:, None]
-        acc[d:] += xp.where(same, acc[:-d], 0)          # right side first: a new array
-        d *= 2
-    out[keys[ends]] += acc[ends]                        # distinct ids: no repeated index
 
 
 class Embedding(Module):

@@ -11,7 +11,8 @@ import numpy as np
 
 from . import backends
 from .checks import as_array, check_range
-from .errors import InputError, StateError
+from .errors import InputError
+from .ops import softmax_xent
 
 
 def _logits(logits, name: str = "logits"):
@@ -59,8 +60,8 @@ def cross_entropy(logits, targets, mask=None, on_device: bool = False):
     dlogits [..., V] = (softmax(logits) - onehot(targets)) * mask / sum(mask).
     on_device: the loss stays a 0-d float64 array of the logits' backend (the same value, bit
     for bit), so nothing waits for the device; read it with float() when needed (without a mask).
-    On CuPy, without a mask, one kernel computes nll and dlogits (``softmax_cross_entropy``,
-    kernels/xent.cuh): the same equations, its sums in a fixed order.
+    Without a mask it is the backend's ``softmax_cross_entropy`` op (``xlstm.ops.softmax_xent``;
+    on CuPy one kernel, kernels/xent.cuh: the same equations, its sums in a fixed order).
     """
     backend, x = _logits(logits)
     xp = backend.xp
@@ -90,45 +91,15 @@ def cross_entropy(logits, targets, mask=None, on_device: bool = False):
 
     x2 = x.reshape(-1, V)
     t2 = t.reshape(-1)
-    fused = getattr(backend, "softmax_cross_entropy", None)
-    if fused is not None and m is None and x2.flags.c_contiguous and x2.dtype.name in ("float32", "float64"):
-        # CuPy: the lines below as one kernel (its sums in a fixed order; exp/log the device's)
-        nll, e = fused(x2, t2, count)
-        loss = nll.sum().astype(np.float64) / count if on_device else float(nll.sum()) / count
-        return loss, e.reshape(x.shape)
-    rows = xp.arange(x2.shape[0])
-    s = _shifted(x2, -1)
-    e = xp.exp(s)
-    z = e.sum(axis=-1)
-    nll = xp.log(z) - s[rows, t2]               # -log softmax at the target
-    e /= z[:, None]                             # e is now the softmax
-    e[rows, t2] -= 1.0                          # one target per row, so no index repeats
     if m is None:
+        # the backend's op (xlstm.ops.softmax_xent; on CuPy one kernel, its sums in a fixed order)
+        nll, e = backend.softmax_cross_entropy(x2, t2, count)
         # float64 of the sum, then / count in float64: what float(...) / count computes on the host
         loss = nll.sum().astype(np.float64) / count if on_device else float(nll.sum()) / count
-        e /= count
-    else:
-        m2 = m.reshape(-1)
-        loss = float((nll * m2).sum()) / count
-        e *= (m2 / count)[:, None]
+        return loss, e.reshape(x.shape)
+    nll, e = softmax_xent.rows(xp, x2, t2)
+    m2 = m.reshape(-1)
+    loss = float((nll * m2).sum()) / count
+    e *= (m2 / count)[:, None]
     return loss, e.reshape(x.shape)
 
-
-class SoftmaxCrossEntropy:
-    """Stateful wrapper: ``loss = forward(logits, targets, mask)``, then ``dlogits = backward()``."""
-
-    def __init__(self):
-        self._dlogits = None
-
-    def forward(self, logits, targets, mask=None) -> float:
-        loss, self._dlogits = cross_entropy(logits, targets, mask)
-        return loss
-
-    def backward(self):
-        """d mean loss / d logits of the last forward, shape of the logits."""
-        if self._dlogits is None:
-            raise StateError("SoftmaxCrossEntropy.backward called before forward")
-        return self._dlogits
-
-    def __call__(self, logits, targets, mask=None) -> float:
-        return self.forward(logits, targets, mask)

@@ -19,7 +19,7 @@ Per layer and direction the work follows the cuDNN/haste plan (DESIGN.md):
               dh = dZ[t] @ U^T (+ the part that skips the cell) (NumPy computes the factors
               that do not depend on the recurrence for all T steps before its loop); after
               the loop dW = X^T dZ, dU = H_prev^T dZ, db = sum dZ, dX = dZ W^T, one GEMM each.
-The time loops live in the backend (``xlstm/backends/base.py``), never here.
+The time loops are ops (``xlstm/ops/lstm_sequence.py``) run by the backend, never here.
 Buffers [T,B,4H] and [T+1,B,H] are allocated once per call, never inside the time loop.
 
 Variable lengths: a step past a sequence's end carries its state unchanged and outputs 0, so
@@ -28,11 +28,11 @@ reverse direction reads each sequence backwards within its own length.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 
+from .backends import is_device_array
 from .checks import as_array
 from .errors import InputError, StateError
 from .module import Module
@@ -142,7 +142,7 @@ class LSTM(Module):
 
     @staticmethod
     def _check_lengths(lengths, T, B):
-        if type(lengths).__module__.startswith("cupy"):
+        if is_device_array(lengths):
             lengths = lengths.get()
         arr = np.asarray(lengths)
         if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
@@ -262,15 +262,10 @@ class LSTM(Module):
         cs = xp.empty((T + 1, B, H), self.dtype)
         hs[0] = 0 if h0 is None else h0
         cs[0] = 0 if c0 is None else c0
-        with self._loop_mode():
-            extra = self._forward_loop(p, gates, hs, cs, U, step_mask, zc, zh, gm, P)
+        extra = self._forward_loop(p, gates, hs, cs, U, step_mask, zc, zh, gm, P)
         if self.tracer is not None:
             self.tracer.record_forward(self, k, d, x2, gates, hs, cs, step_mask, masks, extra)
         return dict(x2=x2, gates=gates, hs=hs, cs=cs, masks=masks, ln=extra, precision=P)
-
-    def _loop_mode(self):
-        """Traced calls run the backend's eager per-step loop (no CUDA-graph capture/replay)."""
-        return self.backend.eager() if self.tracer is not None else contextlib.nullcontext()
 
     def _forward_loop(self, p, gates, hs, cs, U, step_mask, zc, zh, gm, P):
         """The backend's time loop of one layer-direction in precision ``P`` (U: its ``gemm_operand``);
@@ -356,16 +351,15 @@ class LSTM(Module):
         P = cache["precision"]                                  # the mode the forward ran in
         UT = be.gemm_operand(xp.ascontiguousarray(U.T), P)      # rounded once per call (tf32/bf16)
         # per step: the pointwise gate gradients into dz[t], then dh = dz[t] @ U^T (+ skip)
-        with self._loop_mode():
-            if self.layer_norm:
-                gain, _, c_gain, c_shift = self._ln_params(p)
-                ln, G = cache["ln"], self.grads
-                be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
-                                             gain, c_gain, c_shift, dy, dh, dc, dz, UT,
-                                             G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
-                                             G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
-            else:
-                be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
+        if self.layer_norm:
+            gain, _, c_gain, c_shift = self._ln_params(p)
+            ln, G = cache["ln"], self.grads
+            be.ln_lstm_backward_sequence(gates, ln["zhat"], ln["rstd"], ln["chat"], ln["rstd_c"], cs,
+                                         gain, c_gain, c_shift, dy, dh, dc, dz, UT,
+                                         G[p + "ln_gain"], G[p + "ln_shift"], G[p + "ln_c_gain"],
+                                         G[p + "ln_c_shift"], step_mask, zc, zh, gm, precision=P)
+        else:
+            be.lstm_backward_sequence(gates, cs, dy, dh, dc, dz, UT, step_mask, zc, zh, gm, precision=P)
         if not self.layer_norm:
             self.grads[p + "b"] += dz.reshape(T * B, 4 * H).sum(axis=0)
         if self.tracer is not None:   # recomputes every step with the reference cell, checks dz, dh0, dc0

@@ -12,8 +12,10 @@ import math
 
 import numpy as np
 
-from . import backends
+from . import backends, flat
+from .backends.scratch import Scratch
 from .errors import InputError
+from .ops import adam
 
 
 def _source(module_or_params_grads):
@@ -55,7 +57,7 @@ class Optimizer:
         self.lr = _check_float(lr, "lr", 0.0)
         self.step_count = 0
         self.state: dict = {}      # param name -> {buffer name -> array}
-        self._scratch: dict = {}   # (array type, shape, dtype) -> array, shared by same-shaped params
+        self._scratch: dict = {}   # array type -> Scratch of its backend, shared by same-shaped params
 
     def _pairs(self):
         """(name, param, grad) for every parameter, checked."""
@@ -70,11 +72,10 @@ class Optimizer:
 
     def _tmp(self, p, slot: int = 0):
         """A scratch array like ``p``, reused across parameters and steps (no per-step allocation)."""
-        key = (type(p), p.shape, p.dtype.str, slot)
-        buf = self._scratch.get(key)
-        if buf is None:
-            buf = self._scratch[key] = backends.backend_of(p).xp.empty_like(p)
-        return buf
+        cache = self._scratch.get(type(p))
+        if cache is None:
+            cache = self._scratch[type(p)] = Scratch(backends.backend_of(p).xp, limit=1 << 30)
+        return cache.get(slot, p.shape, p.dtype.str)
 
     def _buffer(self, name: str, which: str, p):
         """State buffer ``which`` of parameter ``name`` (zeros when new), on ``p``'s backend."""
@@ -90,7 +91,7 @@ class Optimizer:
         """Set every gradient to zero, in place (one fill of the flat buffer where they are views of one)."""
         grads = list(self._get()[1].values())
         if grads:
-            for g in _flat_or(grads):
+            for g in flat.buffer_or(grads):
                 g[...] = 0
 
     def step(self) -> None:
@@ -214,37 +215,33 @@ class Adam(Optimizer):
     def _flat_step(self, pairs) -> bool:
         """The update as one pass of each operation over flat buffers; False where it cannot.
 
-        Needs the gradients to be consecutive views of one flat buffer (``distributed.FlatGrads``)
-        and no coupled weight decay (that stays on the per-tensor path). The moments become views
-        of flat buffers too (``state`` keeps per-name views of them). Where the parameters are
-        flat as well (``distributed.FlatParams``) the subtraction is one pass too, and a backend
-        with a fused ``adam_step`` (CuPy) does all of it in one kernel launch. Every operation is
-        elementwise and in ``_moments``' order, so each element gets the very operations of the
-        per-tensor update: the results are equal bit for bit.
+        Needs the gradients to be the declared views of one flat buffer (``xlstm.flat``, e.g.
+        ``FlatGrads``) and no coupled weight decay (that stays on the per-tensor path). The moments
+        become views of flat buffers too (``state`` keeps per-name views of them). Where the
+        parameters are one flat buffer as well (``FlatParams``) the whole update is the backend's
+        ``adam_step`` op (``xlstm.ops.adam``: one kernel launch on CuPy, its passes on NumPy).
+        Every operation is elementwise and in ``adam.moments``' order, so each element gets the
+        very operations of the per-tensor update: the results are equal bit for bit.
         """
         if not pairs or (self.weight_decay and not self.decoupled):
             return False
         grads = [g for _, _, g in pairs]
-        xp = backends.backend_of(grads[0]).xp
-        G = _flat_or(grads)[0]
-        if G.ndim != 1 or G.size != sum(int(g.size) for g in grads):
+        backend = backends.backend_of(grads[0])
+        G = flat.buffer_of(grads)
+        if G is None:
             return False
         names = [k for k, _, _ in pairs]
         M, V = self._flat_moments(names, pairs, G)
-        P = _flat_or([p for _, p, _ in pairs])[0]
-        whole = P.ndim == 1 and P.size == G.size and P.dtype == G.dtype      # parameters flat too
+        P = flat.buffer_of([p for _, p, _ in pairs])
+        whole = P is not None and P.size == G.size and P.dtype == G.dtype      # parameters flat too
         decay = 1.0 - self.lr * self.weight_decay
-        fused = getattr(backends.backend_of(G), "adam_step", None)
-        if whole and fused is not None:          # CuPy: the whole update in one kernel
-            b1, b2 = self.betas
-            t = self.step_count
-            fused(P, G, M, V, decay if self.weight_decay else 1.0, b1, 1.0 - b1, b2, 1.0 - b2,
-                  math.sqrt(1.0 - b2 ** t), self.eps, self.lr / (1.0 - b1 ** t))
+        if whole:
+            backend.adam_step(P, G, M, V, decay if self.weight_decay else 1.0, *self._coefficients())
             return True
         if self.weight_decay:
-            for p in [P] if whole else [p for _, p, _ in pairs]:
+            for _, p, _ in pairs:
                 p *= decay
-        d = self._moments(xp, M, V, G)
+        d = self._moments(backend.xp, M, V, G)
         if whole:
             P -= d
             return True
@@ -289,24 +286,15 @@ class Adam(Optimizer):
             g = gd
         p -= self._moments(xp, m, v, g)
 
+    def _coefficients(self):
+        """(b1, c1, b2, c2, bc2, eps, step) of ``xlstm.ops.adam`` at the current step."""
+        b1, b2 = self.betas
+        t = self.step_count
+        return (b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2 ** t), self.eps, self.lr / (1.0 - b1 ** t))
+
     def _moments(self, xp, m, v, g):
         """m, v updated in place; returns the step d (a scratch array like g) with p -= d."""
-        b1, b2 = self.betas       # the order of operations is adam_at's (kernels/optim.cuh)
-        t = self.step_count
-        d = self._tmp(g, 0)
-        m *= b1
-        xp.multiply(g, 1.0 - b1, out=d)
-        m += d
-        v *= b2
-        xp.multiply(g, g, out=d)
-        d *= 1.0 - b2
-        v += d
-        xp.sqrt(v, out=d)
-        d /= math.sqrt(1.0 - b2 ** t)
-        d += self.eps
-        xp.divide(m, d, out=d)
-        d *= self.lr / (1.0 - b1 ** t)
-        return d
+        return adam.moments(xp, m, v, g, self._tmp(g, 0), *self._coefficients())
 
 
 def _grads_of(grads_dict_or_module):
@@ -334,9 +322,10 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
     scale = max_norm / total where finite(total) and total > max_norm, else 1,
     rounded to the gradients' dtype first, as the host path rounds its Python float; a
     multiplication by 1 changes no bit, so both paths give the same gradients bit for bit.
-    On CuPy, where the gradients are views of one flat buffer (``distributed.FlatGrads``), it is
-    two kernel launches instead (``clip_by_global_norm``: the sum of squares in float64, in a
-    fixed order), so there the norm differs from NumPy's float32 partial sums in the last bits.
+    Where the gradients are the declared views of one flat buffer (``xlstm.flat``) and the backend
+    implements ``clip_by_global_norm`` (CuPy, ``xlstm.ops.clip``) it is that op instead: two kernel
+    launches, the sum of squares in float64 in a fixed order, so there the norm differs from
+    NumPy's float32 partial sums in the last bits.
     """
     max_norm = _check_float(max_norm, "max_norm", 0.0, lo_open=True)
     grads = _grads_of(grads_dict_or_module)
@@ -344,17 +333,16 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
         return 0.0
     backend = backends.backend_of(grads[0])
     xp = backend.xp
-    fused = getattr(backend, "clip_by_global_norm", None) if on_device else None
-    flat = _flat_or(grads)
-    if fused is not None and len(flat) == 1 and flat[0].ndim == 1:
-        return fused(flat[0], max_norm)
+    buf = flat.buffer_of(grads)
+    if on_device and buf is not None and backend.implements("clip_by_global_norm"):
+        return backend.clip_by_global_norm(buf, max_norm)
     # per-array partial sums, added in the model's order (a flat-buffer sum would round differently)
     sq = sum(xp.vdot(g.reshape(-1), g.reshape(-1)) for g in grads)
     if on_device:
         total = xp.sqrt(xp.asarray(sq, dtype=np.float64))       # float64 sqrt, as math.sqrt
         clip = xp.isfinite(total) & (total > max_norm)
         scale = xp.where(clip, max_norm / xp.where(clip, total, 1.0), 1.0)
-        for g in flat:
+        for g in [buf] if buf is not None else grads:
             g *= scale.astype(g.dtype)
         return total
     total = math.sqrt(float(sq))
@@ -363,26 +351,6 @@ def clip_grad_norm(grads_dict_or_module, max_norm, on_device: bool = False):
         for g in grads:
             g *= scale
     return total
-
-
-def _flat_or(arrays):
-    """``[flat]`` where the arrays are, in order, consecutive views filling one flat buffer
-    (``distributed.FlatGrads``): a scale is then one launch instead of one per array."""
-    base = getattr(arrays[0], "base", None)
-    if base is None or base.ndim != 1:
-        return arrays
-    off, itemsize = 0, arrays[0].dtype.itemsize
-    for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous or a.dtype != base.dtype:
-            return arrays
-        if _addr(a) != _addr(base) + off * itemsize:
-            return arrays
-        off += a.size
-    return [base] if off == base.size else arrays
-
-
-def _addr(a):
-    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def lr_schedule(step: int, base_lr: float, warmup: int, total: int, kind: str = "cosine",

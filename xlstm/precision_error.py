@@ -51,13 +51,13 @@ def error_against_float64(precision: str, layer_norm: bool = False, backend="num
     if tf32_rounding != "rne":
         if precision != "tf32" or be.name != "numpy":
             raise InputError("tf32_rounding applies to precision='tf32' on the numpy backend")
-        from .backends import numpy_backend
-        orig = numpy_backend.round_operand
-        numpy_backend.round_operand = lambda a, p, out=None: round_tf32(a, tf32_rounding, out)
+        from .ops import gemm                  # where the NumPy backend rounds its GEMM operands
+        orig = gemm.round_operand
+        gemm.round_operand = lambda a, p, out=None: round_tf32(a, tf32_rounding, out)
         try:
             got = run("float32", precision)
         finally:
-            numpy_backend.round_operand = orig
+            gemm.round_operand = orig
     else:
         got = run("float32", precision)
     return {k: float(np.linalg.norm(got[k] - ref[k]) / max(np.linalg.norm(ref[k]), 1e-300)) for k in ref}

@@ -43,20 +43,6 @@ BACKWARD_NAMES = ("dHt", "dOt", "dCnorm", "dCt", "dCprojt", "dFt", "dIt", "dzn",
 DIRS = ("fw", "bw")
 
 
-def _plain_backward_named(gates, c_prev, dy, dh_next, dc_next, mask=None, zc=None, zh=None, gmask=None):
-    """The seed's named gradients of one plain step (the equations of cell.pointwise_backward)."""
-    H = c_prev.shape[1]
-    It, Ft, Cproj, Ot = split(gates, H)
-    m = np.ones(c_prev.shape[0], c_prev.dtype) if mask is None else mask
-    gm = np.ones_like(Cproj) if gmask is None else gmask
-    kc, kh = cell._carry(mask, zc, c_prev), cell._carry(mask, zh, c_prev)
-    tanh_Ct = np.tanh(Ft * c_prev + It * Cproj * gm)
-    dHt = m[:, None] * dy + dh_next
-    dOt = (1 - kh) * dHt * tanh_Ct
-    dCt = (1 - kc) * dc_next + (1 - kh) * dHt * Ot * (1 - tanh_Ct ** 2)
-    return dict(dHt=dHt, dOt=dOt, dCt=dCt, dCprojt=dCt * It * gm, dFt=dCt * c_prev, dIt=dCt * Cproj * gm)
-
-
 class Trace:
     """Named intermediates by (layer, direction, step); see the module doc for the names."""
 
@@ -145,14 +131,7 @@ class Trace:
             mask, zc, zh, gm = self._step_args(be, step_mask, masks, t)
             _, ref = self._reference_forward(lstm, k, d, x, hs, cs, step_mask, masks, t)
             if ln is None:
-                r = _plain_backward_named(gates[t], cs[t], dy[t], dh_next, dc_next, mask, zc, zh, gm)
-                r["dz"], r["dc_prev"], r["dh_skip"] = cell.pointwise_backward(
-                    gates[t], cs[t], dy[t], dh_next, dc_next, mask, zc, zh, gm)
-                # the named chain must reproduce cell.py's dz (two readings of the seed's equations)
-                It, Ft, Cproj, Ot = split(gates[t], H)
-                dz_named = np.concatenate([r["dIt"] * It * (1 - It), r["dFt"] * Ft * (1 - Ft),
-                                           r["dCprojt"] * (1 - Cproj ** 2), r["dOt"] * Ot * (1 - Ot)], axis=-1)
-                self._note(key, dz_named, r["dz"])
+                r = cell.pointwise_backward_named(gates[t], cs[t], dy[t], dh_next, dc_next, mask, zc, zh, gm)
             else:
                 r = ln_cell_backward(ref, cs[t], ln[0], ln[2], dy[t], dh_next, dc_next, mask, zc, zh, gm)
             dHX = r["dz"] @ WU.T
@@ -261,7 +240,8 @@ def record(lstm):
     tr = Trace(_title(lstm))
     prev, lstm.tracer = lstm.tracer, tr
     try:
-        yield tr
+        with lstm.backend.eager():     # the per-step loop, whose ops the trace checks (no graphs)
+            yield tr
     finally:
         lstm.tracer = prev
         lstm.last_trace = tr
@@ -279,7 +259,8 @@ def traced_call(lstm, which: str, *args):
         tr = Trace(_title(lstm))
     prev, lstm.tracer = lstm.tracer, tr
     try:
-        out = getattr(lstm, which)(*args)
+        with lstm.backend.eager():     # the per-step loop, whose ops the trace checks (no graphs)
+            out = getattr(lstm, which)(*args)
     finally:
         lstm.tracer = prev
     lstm.last_trace = tr

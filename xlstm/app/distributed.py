@@ -34,7 +34,8 @@ import sys
 
 import numpy as np
 
-from ..errors import InputError, StateError, XlstmError
+from ..errors import InputError, XlstmError
+from ..flat import FlatGrads, FlatParams  # noqa: F401  (the flat buffers of the all-reduce and of Adam)
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -159,50 +160,6 @@ def check_same(digests: list[str], step: int) -> None:
         which = ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests))
         raise DistributedError(f"the parameters differ between the processes at step {step} ({which}); "
                                "data-parallel training must keep them bitwise identical; please report this")
-
-
-class FlatGrads:
-    """Every gradient of a model made a view of one flat buffer per dtype (model order).
-
-    Backward accumulates into ``grads`` in place (``+=``, ``matmul_add``, ``add.at``), so the
-    views stay the arrays it writes, and one all-reduce per buffer covers every parameter.
-    """
-
-    what = "grads"
-
-    def __init__(self, model):
-        modules = list(model.modules) if hasattr(model, "modules") else [model]
-        groups: dict = {}
-        for m in modules:
-            for k, g in getattr(m, self.what).items():
-                groups.setdefault(g.dtype.str, []).append((m, k, g))
-        self.buffers, self._views = [], []
-        for items in groups.values():
-            flat = model.backend.xp.zeros(sum(int(g.size) for _, _, g in items), dtype=items[0][2].dtype)
-            off = 0
-            for m, k, g in items:
-                view = flat[off:off + g.size].reshape(g.shape)
-                view[...] = g            # start from the current values
-                getattr(m, self.what)[k] = view
-                self._views.append((m, k, view))
-                off += g.size
-            self.buffers.append(flat)
-
-    def check(self) -> None:
-        """Raise when a module replaced a gradient array: the all-reduce would miss its gradient."""
-        for m, k, view in self._views:
-            if getattr(m, self.what).get(k) is not view:
-                raise StateError(f"{type(m).__name__}.grads[{k!r}] is no longer the array it was: data-parallel "
-                                 "training needs backward to accumulate into the gradients in place")
-
-
-class FlatParams(FlatGrads):
-    """Every parameter made a view of one flat buffer per dtype (model order), so that Adam
-    updates them all in one pass (``optim.Adam``; one kernel launch on CuPy). Optimisers and
-    ``load_state_dict`` write parameters in place, so the views stay; ``module.to`` replaces
-    them, and Adam then updates tensor by tensor."""
-
-    what = "params"
 
 
 class Single:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .. import backends, checks
+from ..backends import blas
 from . import checkpoint, data, distributed
 from ..errors import InputError, XlstmError
 
@@ -93,38 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     distributed.add_arguments(p.add_argument_group("several processes (data-parallel; see the README)"))
     # tests: behave as if Ctrl-C came right after step N (save, exit 130)
     a("--stop-after", type=int, help=argparse.SUPPRESS)
-
-
-def limit_blas_threads(n: int) -> bool:
-    """Set the process's BLAS thread count; True when it worked.
-
-    threadpoolctl where installed; else the set_num_threads symbol of the OpenBLAS that NumPy's
-    wheels bundle, found among the loaded libraries (Linux).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n, user_api="blas")
-        return True
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return False
-    import ctypes
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                return True
-    return False
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -487,7 +456,7 @@ def _run(args, t_start, backend, group) -> int:
     if args.threads < 0:
         raise InputError(f"--threads must be 0 (BLAS default) or positive, got {args.threads}")
     if args.threads and backend.name == "numpy":
-        limit_blas_threads(args.threads)
+        blas.set_threads(args.threads)
     if args.plot:
         _require_matplotlib()
     resumed = None

@@ -16,7 +16,7 @@ import os
 import sys
 
 from ..errors import BackendUnavailableError, InputError
-from .base import Backend
+from .base import Backend, is_device_array
 from .numpy_backend import NumpyBackend
 
 NAMES = ("numpy", "cupy", "auto")
@@ -116,10 +116,10 @@ def available_backends() -> list[str]:
 
 def backend_of(array) -> Backend:
     """The backend that owns ``array`` (NumPy arrays -> numpy, CuPy arrays -> cupy)."""
-    if type(array).__module__.startswith("cupy"):
+    if is_device_array(array):
         return _cupy_backend()
     return resolve("numpy")
 
 
 __all__ = ["Backend", "get_backend", "set_backend", "use_backend", "available_backends",
-           "resolve", "backend_of", "cupy_unavailable_reason"]
+           "resolve", "backend_of", "cupy_unavailable_reason", "is_device_array"]

@@ -19,8 +19,8 @@ The precision modes (``xlstm/precision.py``) go through the same handle with ``g
     tf32       float32 (cuBLAS rounds inside)   CUDA_R_32F x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32
     bf16       bfloat16 bits (our cast kernel)  CUDA_R_16BF x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F
 
-NOT YET RUN ON A GPU; on the CPU the calls are checked against a stand-in binding that
-computes cuBLAS's column-major contract on the raw pointers (tests/test_cupy_backend.py).
+On the CPU the calls are checked against a stand-in binding that computes cuBLAS's
+column-major contract on the raw pointers (tests/test_cupy_backend.py).
 """
 from __future__ import annotations
 

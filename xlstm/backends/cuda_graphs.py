@@ -41,6 +41,7 @@ import functools
 import inspect
 import time
 
+from .. import ops
 from ..errors import XlstmError
 from ..precision import Rounded
 
@@ -49,28 +50,11 @@ class CaptureFailed(RuntimeError):
     """Capturing or first launching a graph failed; the message says why. Nothing was written
     to the caller's arrays: running the op eagerly instead is safe."""
 
-# For each sequence op: the array arguments it reads ("all" or "first" = only index 0 along T:
-# the initial state) and the ones it writes. Everything else is an output only or a scalar.
-SPECS = {
-    "lstm_forward_sequence": dict(
-        read={"gates": "all", "hs": "first", "cs": "first", "U": "all",
-              "mask": "all", "zc": "all", "zh": "all", "gmask": "all"},
-        write=("gates", "hs", "cs")),
-    "lstm_backward_sequence": dict(
-        read={"gates": "all", "cs": "all", "dy": "all", "dh": "all", "dc": "all", "UT": "all",
-              "mask": "all", "zc": "all", "zh": "all", "gmask": "all"},
-        write=("dh", "dc", "dz")),
-    "ln_lstm_forward_sequence": dict(
-        read={"gates": "all", "hs": "first", "cs": "first", "U": "all", "gain": "all", "shift": "all",
-              "c_gain": "all", "c_shift": "all", "mask": "all", "zc": "all", "zh": "all", "gmask": "all"},
-        write=("gates", "zhat", "rstd", "chat", "rstd_c", "hs", "cs")),
-    "ln_lstm_backward_sequence": dict(
-        read={"gates": "all", "zhat": "all", "rstd": "all", "chat": "all", "rstd_c": "all", "cs": "all",
-              "gain": "all", "c_gain": "all", "c_shift": "all", "dy": "all", "dh": "all", "dc": "all",
-              "UT": "all", "dgain": "all", "dshift": "all", "dc_gain": "all", "dc_shift": "all",
-              "mask": "all", "zc": "all", "zh": "all", "gmask": "all"},
-        write=("dz", "dh", "dc", "dgain", "dshift", "dc_gain", "dc_shift")),
-}
+
+# For each sequence op, from its spec (``xlstm.ops.lstm_sequence``): the array arguments it reads
+# ("all", or "first" = only index 0 along T: the initial state) and the ones it writes.
+# Everything else is an output only or a scalar.
+SPECS = {name: dict(read=ops.SPECS[name].reads(), write=ops.SPECS[name].writes()) for name in ops.REFERENCE}
 
 
 class _Entry:
@@ -215,9 +199,10 @@ def _signature(fn):
 
 
 def bind(fn, be, args, kwargs) -> dict:
-    """The op's arguments by name, defaults filled in (``fn`` is the Backend's unbound op)."""
+    """The op's arguments by name, defaults filled in (``fn`` is the op's reference loop,
+    ``fn(be, ...)``)."""
     bound = _signature(fn).bind(be, *args, **kwargs)
     bound.apply_defaults()
     out = dict(bound.arguments)
-    out.pop("self")
+    out.pop(next(iter(out)))            # the backend
     return out

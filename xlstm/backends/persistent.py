@@ -19,10 +19,9 @@ kernel, because CuPy would shrink a cooperative grid that does not fit (with onl
 Which of persistent or per-step kernels runs is ``choose(...)``: a crossover table by device,
 H and B, consulted only in mode "auto"; the mode is set per backend (``CupyBackend.persistent =
 "auto" | "on" | "off"``) or by the environment variable XLSTM_PERSISTENT, and is "off" when
-neither says (``mode_from_env``) until the kernels have run on a device. THE TABLE IS
-UNMEASURED: it was written without a GPU; its limits are conservative guesses (persistent only
-where a step is a few microseconds of work and per-step launches are known to dominate), to be
-replaced by the crossover that ``xlstm bench --persistent on|off`` measures on each device.
+neither says (``mode_from_env``). The table's limits are conservative estimates (persistent
+only where a step is a few microseconds of work and per-step launches are known to dominate),
+to be replaced by the crossover that ``xlstm bench --persistent on|off`` measures on each device.
 """
 from __future__ import annotations
 
@@ -119,8 +118,8 @@ def plan(B: int, H: int, itemsize: int, *, sm_count: int, smem_per_block: int,
 
 
 # -- the picker -----------------------------------------------------------------------------
-# UNMEASURED (no GPU was available when this was written): per device-name substring, the
-# largest H and B for which "auto" picks the persistent kernels. Conservative: only small H,
+# Per device-name substring, the largest H and B for which "auto" picks the persistent kernels
+# (estimates, not a measured crossover). Conservative: only small H,
 # where a step is launch-bound (the issue measured 6.7 us/step for a replayed GEMM + pointwise
 # pair at H=64, B=64 on an H200). Replace with the crossover `xlstm bench --persistent` measures.
 CROSSOVER = {
@@ -129,7 +128,6 @@ CROSSOVER = {
     "A100": {"max_H": 128, "max_B": 64},
     "": {"max_H": 128, "max_B": 64},     # any other device
 }
-CROSSOVER_MEASURED = False
 
 
 def mode_from_env() -> str:

@@ -132,13 +132,13 @@ def _apply_threads(n, torch):
         return None
     if torch is not None:
         torch.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        print("xlstm bench: threadpoolctl is not installed; NumPy's BLAS threads left as they are",
+    from ..backends import blas
+
+    limit = blas.limit_threads(n)
+    if limit is None:
+        print("xlstm bench: no BLAS thread control found; NumPy's BLAS threads left as they are",
               file=sys.stderr)
-        return None
-    return threadpool_limits(limits=n, user_api="blas")
+    return limit
 
 
 def run(args) -> int:
@@ -228,7 +228,7 @@ def _run_grid(args) -> int:
                 gc.collect()
     finally:
         if limiter is not None:
-            limiter.restore_original_limits()
+            limiter.restore()
     if bar is not None:
         bar.close()
     # CuPy over NumPy, same cell

@@ -11,7 +11,7 @@ class GemmFloor:
     step's gate rows); backward T times ``dz[t] @ U^T`` (U^T made contiguous once per call,
     as the layer does), then ``X2^T @ dZ`` (dW), ``H_prev^T @ dZ`` (dU), ``dZ @ W^T`` (dx).
     Buffers are allocated once here; the timed calls only multiply. Small per-step GEMMs run
-    on one OpenBLAS thread, as in the NumPy backend (``numpy_backend.SMALL_GEMM_MACS``).
+    on one OpenBLAS thread, as in the NumPy backend (``backends.blas.SMALL_GEMM_MACS``).
     With a precision other than float32 the products are the backend's in that mode (U and U^T
     rounded once per call, as the layer does; on NumPy that includes the emulation's rounding).
 
@@ -58,10 +58,10 @@ class GemmFloor:
         # the NumPy backend runs small per-step GEMMs on one OpenBLAS thread; so does the floor
         self.one_thread = None
         if xp is np:
-            from ..backends.numpy_backend import SMALL_GEMM_MACS, _openblas_threads
+            from ..backends import blas
 
-            if B * H * 4 * H <= SMALL_GEMM_MACS:
-                self.one_thread = _openblas_threads()
+            if B * H * 4 * H <= blas.SMALL_GEMM_MACS:
+                self.one_thread = blas.openblas_threads()
 
     def _loop(self, fn):
         ctl = self.one_thread

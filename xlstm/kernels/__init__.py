@@ -7,7 +7,8 @@ fixed-order norm of global-norm clipping (``grad_norm``, ``clip_by_norm``), ``xe
 row of softmax cross-entropy (``softmax_xent``).
 ``lstm_persistent.cuh`` / ``lstm_persistent.cu`` hold the persistent kernels (all T
 steps in one cooperative launch), a module of their own because it is launched cooperatively.
-This module only reads them; it imports nothing from CUDA, so it works on any machine.
+Which entry points each file has is declared by the ops' specs (``xlstm/ops``), not here.
+This module only reads the sources; it imports nothing from CUDA, so it works on any machine.
 """
 from __future__ import annotations
 
@@ -53,18 +54,4 @@ def kernel_source(name: str = MAIN_SOURCE) -> str:
     return expand(name)
 
 
-# Kernel entry points per source and dtype suffix; the tests check that each one compiles.
-KERNEL_NAMES = {
-    MAIN_SOURCE: ("lstm_forward_step", "lstm_backward_step",
-                  "ln_lstm_forward_step", "ln_lstm_backward_step", "ln_accumulate", "adam_step",
-                  "grad_norm", "clip_by_norm", "softmax_xent"),
-    PERSISTENT_SOURCE: ("lstm_persistent_forward", "lstm_persistent_backward"),
-}
 DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
-# Kernels of one fixed type per source, named without a suffix (the bf16 operand cast, precision.cuh).
-FIXED_KERNELS = {MAIN_SOURCE: ("f32_to_bf16",), PERSISTENT_SOURCE: ()}
-
-
-def entry_names(source: str = MAIN_SOURCE) -> list[str]:
-    """Every extern "C" kernel name in ``source``, e.g. ``lstm_forward_step_f32``."""
-    return [f"{k}_{s}" for k in KERNEL_NAMES[source] for s in DTYPE_SUFFIX.values()] + list(FIXED_KERNELS[source])

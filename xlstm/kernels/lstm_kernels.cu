@@ -417,12 +417,14 @@ __device__ __forceinline__ void softmax_xent_impl(const T* x, const long long* t
 }
 }  // namespace
 
-extern "C" __global__ void softmax_xent_f32(const float* x, const long long* t, float* dx,
-                                            float* nll, long long N, long long V, float count) {
-  softmax_xent_impl<float>(x, t, dx, nll, N, V, count);
+extern "C" __global__ void softmax_xent_f32(const float* logits, const long long* targets,
+                                            float* dx, float* nll, long long N, long long V,
+                                            float count) {
+  softmax_xent_impl<float>(logits, targets, dx, nll, N, V, count);
 }
 
-extern "C" __global__ void softmax_xent_f64(const double* x, const long long* t, double* dx,
-                                            double* nll, long long N, long long V, double count) {
-  softmax_xent_impl<double>(x, t, dx, nll, N, V, count);
+extern "C" __global__ void softmax_xent_f64(const double* logits, const long long* targets,
+                                            double* dx, double* nll, long long N, long long V,
+                                            double count) {
+  softmax_xent_impl<double>(logits, targets, dx, nll, N, V, count);
 }

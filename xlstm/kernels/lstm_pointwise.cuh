@@ -7,18 +7,20 @@
 //     against the NumPy backend on random and extreme inputs without a GPU.
 // Hence: no CUDA-only constructs outside the XLSTM_HD macro, no standard headers under NVRTC.
 //
-// The equations are those of xlstm/backends/base.py (gates blocked i, f, g, o along 4H):
+// The equations are those of xlstm/ops/lstm_cell.py and ln_lstm_cell.py, with the seed's names
+// (gates blocked i, f, g, o along 4H; kc, kh the carry fractions, one_minus_kc = 1 - kc the
+// share of the new value):
 //
 //   forward   i = sigmoid(z_i)  f = sigmoid(z_f + forget_bias)  g = tanh(z_g)  o = sigmoid(z_o)
 //             c_new = f * c_prev + i * (g * gmask)        h_new = o * tanh(c_new)
-//             wc = mask * (1 - zc)    wh = mask * (1 - zh)    (w = 1 - k, the "take new" share)
-//             c = (1 - wc) * c_prev + wc * c_new          h = (1 - wh) * h_prev + wh * h_new
+//             one_minus_kc = mask * (1 - zc)    one_minus_kh = mask * (1 - zh)
+//             c = kc * c_prev + (1 - kc) * c_new          h = kh * h_prev + (1 - kh) * h_new
 //
-//   backward  dh = mask * dy + dh_next            dh_new = wh * dh
-//             dc_new = wc * dc_next + dh_new * o * (1 - tanh(c_new)^2)
-//             dz_i = dc_new * g * gmask * i (1 - i)     dz_f = dc_new * c_prev * f (1 - f)
-//             dz_g = dc_new * i * gmask * (1 - g^2)     dz_o = dh_new * tanh(c_new) * o (1 - o)
-//             dc_prev = (1 - wc) * dc_next + dc_new * f        dh_skip = (1 - wh) * dh
+//   backward  dHt = mask * dy + dh_next            dHt_cell = (1 - kh) * dHt
+//             dCt = (1 - kc) * dc_next + dHt_cell * o * (1 - tanh(c_new)^2)
+//             dz_i = dCt * g * gmask * i (1 - i)     dz_f = dCt * c_prev * f (1 - f)
+//             dz_g = dCt * i * gmask * (1 - g^2)     dz_o = dHt_cell * tanh(c_new) * o (1 - o)
+//             dc_prev = kc * dc_next + dCt * f        dh_skip = kh * dHt
 //
 // Unused modifiers are passed as nullptr and read as their neutral value
 // (mask = 1, zc = zh = 0, gmask = 1), which reduces the equations to the plain cell.
@@ -89,12 +91,13 @@ XLSTM_HD void forward_element(T z_i, T z_f, T z_g, T z_o, T c_prev, T h_prev, T 
   o = sigmoid(z_o);
   const T c_new = f * c_prev + i * (g * gm);
   const T h_new = o * tanh_t(c_new);
-  // w = 1 - k is the share of the new value. Written as (1-w)*prev + w*new rather than
-  // prev + w*(new-prev) so that w = 0 gives exactly prev and w = 1 exactly new.
-  const T wc = m * (T(1) - zc);
-  const T wh = m * (T(1) - zh);
-  c = (T(1) - wc) * c_prev + wc * c_new;
-  h = (T(1) - wh) * h_prev + wh * h_new;
+  // 1 - k is the share of the new value. Written as k*prev + (1-k)*new, with k computed as
+  // 1 - (1-k), rather than prev + (1-k)*(new-prev), so that 1-k = 0 gives exactly prev and
+  // 1-k = 1 exactly new.
+  const T one_minus_kc = m * (T(1) - zc);
+  const T one_minus_kh = m * (T(1) - zh);
+  c = (T(1) - one_minus_kc) * c_prev + one_minus_kc * c_new;
+  h = (T(1) - one_minus_kh) * h_prev + one_minus_kh * h_new;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,17 +118,17 @@ XLSTM_HD void backward_element(T i, T f, T g, T o, T c_prev, T dy, T dh_next, T 
                                T& dz_i, T& dz_f, T& dz_g, T& dz_o, T& dc_prev, T& dh_skip) {
   const T gd = g * gm;                       // the candidate after dropout
   const T tc = tanh_t(f * c_prev + i * gd);  // tanh(c_new), recomputed rather than stored
-  const T wc = m * (T(1) - zc);
-  const T wh = m * (T(1) - zh);
-  const T dh = m * dy + dh_next;             // dHt: output gradient plus dh_next from t+1
-  const T dh_new = wh * dh;                  // the part that reaches this step's cell
-  const T dc_new = wc * dc_next + dh_new * o * (T(1) - tc * tc);   // dCt
-  dz_o = dh_new * tc * (o - o * o);          // dOt through the sigmoid: s' = s - s^2
-  dz_i = dc_new * gd * (i - i * i);          // dIt
-  dz_g = dc_new * i * gm * (T(1) - g * g);   // dCprojt through the tanh
-  dz_f = dc_new * c_prev * (f - f * f);      // dFt
-  dc_prev = (T(1) - wc) * dc_next + dc_new * f;
-  dh_skip = (T(1) - wh) * dh;
+  const T one_minus_kc = m * (T(1) - zc);
+  const T one_minus_kh = m * (T(1) - zh);
+  const T dHt = m * dy + dh_next;            // output gradient plus dh_next from t+1
+  const T dHt_cell = one_minus_kh * dHt;     // the part that reaches this step's cell
+  const T dCt = one_minus_kc * dc_next + dHt_cell * o * (T(1) - tc * tc);
+  dz_o = dHt_cell * tc * (o - o * o);        // dOt through the sigmoid: s' = s - s^2
+  dz_i = dCt * gd * (i - i * i);             // dIt
+  dz_g = dCt * i * gm * (T(1) - g * g);      // dCprojt through the tanh
+  dz_f = dCt * c_prev * (f - f * f);         // dFt
+  dc_prev = (T(1) - one_minus_kc) * dc_next + dCt * f;
+  dh_skip = (T(1) - one_minus_kh) * dHt;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ XLSTM_HD void backward_at(index_t n, index_t H,
 }
 
 // =============================================================================================
-// LayerNorm LSTM step (TensorFlow's LayerNormBasicLSTMCell), equations in xlstm/backends/base.py
+// LayerNorm LSTM step (TensorFlow's LayerNormBasicLSTMCell), equations in xlstm/ops/ln_lstm_cell.py
 // and xlstm/layernorm.py. Per batch row b, each gate block z_k [H] and c_new [H] is normalised
 // on its own: vhat = (v - mean) * rstd, rstd = 1/sqrt(biased var + eps), two passes (mean, then
 // the variance of the centred values), as the NumPy backend computes them.
@@ -271,10 +274,10 @@ XLSTM_HD void ln_forward_row(R& r, index_t b, index_t H, T* z, T* zhat, T* rstd,
     chat[n] = ch;
     const T cn = ch * c_gain[j] + c_shift[j];
     const T h_new = zr[3 * H + j] * tanh_t(cn);
-    const T wc = m * (T(1) - load_or(zc, n, T(0)));
-    const T wh = m * (T(1) - load_or(zh, n, T(0)));
-    c[n] = (T(1) - wc) * c_prev[n] + wc * cn;
-    h[n] = (T(1) - wh) * h_prev[n] + wh * h_new;
+    const T one_minus_kc = m * (T(1) - load_or(zc, n, T(0)));
+    const T one_minus_kh = m * (T(1) - load_or(zh, n, T(0)));
+    c[n] = (T(1) - one_minus_kc) * c_prev[n] + one_minus_kc * cn;
+    h[n] = (T(1) - one_minus_kh) * h_prev[n] + one_minus_kh * h_new;
   }
 }
 
@@ -286,11 +289,11 @@ XLSTM_HD void ln_forward_row(R& r, index_t b, index_t H, T* z, T* zhat, T* rstd,
 //   gain [4H], c_gain, c_shift [H]: the LN parameters.
 //   dy, dh_next, dc_next [B,H]: as backward_at.
 //   dz      [B,4H]  out: gradient w.r.t. the raw pre-activations z.
-//   dc_prev [B,H]   out (may alias dc_next).   dh_skip [B,H]  out, kh*dh (may alias dh_next).
+//   dc_prev [B,H]   out (may alias dc_next).   dh_skip [B,H]  out, kh*dHt (may alias dh_next).
 //   part    [B,10H] out: this row's contributions to the parameter gradients, summed over the
 //                   rows afterwards by ln_accumulate_column (deterministically, no atomics):
-//                   [0,4H) dzn*zhat (dgain), [4H,8H) dzn (dshift), [8H,9H) dcn*chat (dc_gain),
-//                   [9H,10H) dcn (dc_shift).
+//                   [0,4H) dzn*zhat (dgain), [4H,8H) dzn (dshift), [8H,9H) dCnorm*chat (dc_gain),
+//                   [9H,10H) dCnorm (dc_shift).
 //   mask [B], zc, zh, gmask [B,H]: as backward_at (null = unused).
 // ---------------------------------------------------------------------------------------------
 template <typename T, class R>
@@ -306,22 +309,22 @@ XLSTM_HD void ln_backward_row(R& r, index_t b, index_t H, const T* gates, const 
   const T inv_H = T(1) / T(H);
   const T m = load_or(mask, b, T(1));
   const T rc = rstd_c[b];
-  // pass 1: dcn (gradient w.r.t. LN(c_new)), dzn_o, and the sums of the c layer norm backward.
-  // dcn waits in pr[9H+j] (its dc_shift slot) and dzn_o in dzr[3H+j] until pass 2.
+  // pass 1: dCnorm (gradient w.r.t. cn = LN(c_new)), dzn_o, and the sums of the c layer norm
+  // backward. dCnorm waits in pr[9H+j] (its dc_shift slot) and dzn_o in dzr[3H+j] until pass 2.
   T s2[2] = {T(0), T(0)};
   for (index_t j = r.first(); j < H; j += r.stride()) {
     const index_t n = b * H + j;
     const T o = gr[3 * H + j];
-    const T wh = m * (T(1) - load_or(zh, n, T(0)));
-    const T wc = m * (T(1) - load_or(zc, n, T(0)));
-    const T dh_new = wh * (m * dy[n] + dh_next[n]);
+    const T one_minus_kh = m * (T(1) - load_or(zh, n, T(0)));
+    const T one_minus_kc = m * (T(1) - load_or(zc, n, T(0)));
+    const T dHt_cell = one_minus_kh * (m * dy[n] + dh_next[n]);
     const T ch = chat[n];
     const T tc = tanh_t(ch * c_gain[j] + c_shift[j]);
-    const T dcn = wc * dc_next[n] + dh_new * o * (T(1) - tc * tc);
-    dzr[3 * H + j] = dh_new * tc * (o - o * o);
-    pr[8 * H + j] = dcn * ch;
-    pr[9 * H + j] = dcn;
-    const T dchat = dcn * c_gain[j];
+    const T dCnorm = one_minus_kc * dc_next[n] + dHt_cell * o * (T(1) - tc * tc);
+    dzr[3 * H + j] = dHt_cell * tc * (o - o * o);
+    pr[8 * H + j] = dCnorm * ch;
+    pr[9 * H + j] = dCnorm;
+    const T dchat = dCnorm * c_gain[j];
     s2[0] += dchat;
     s2[1] += dchat * ch;
   }
@@ -340,11 +343,11 @@ XLSTM_HD void ln_backward_row(R& r, index_t b, index_t H, const T* gates, const 
     dzn[2] = dCt * i * gm * (T(1) - g * g);
     dzn[3] = dzr[3 * H + j];
     // read dh_next / dc_next of element n before writing dh_skip / dc_prev (they may alias)
-    const T wh = m * (T(1) - load_or(zh, n, T(0)));
-    const T wc = m * (T(1) - load_or(zc, n, T(0)));
-    const T dh = m * dy[n] + dh_next[n];
-    const T dcp = (T(1) - wc) * dc_next[n] + dCt * f;
-    dh_skip[n] = (T(1) - wh) * dh;
+    const T one_minus_kh = m * (T(1) - load_or(zh, n, T(0)));
+    const T one_minus_kc = m * (T(1) - load_or(zc, n, T(0)));
+    const T dHt = m * dy[n] + dh_next[n];
+    const T dcp = (T(1) - one_minus_kc) * dc_next[n] + dCt * f;
+    dh_skip[n] = (T(1) - one_minus_kh) * dHt;
     dc_prev[n] = dcp;
     for (int k = 0; k < 4; ++k) {
       const T zh_k = zhr[k * H + j];
