@@ -123,7 +123,7 @@ def test_export_to_torch_matches_the_lstm(trained, tmp_path):
     torch = pytest.importorskip("torch")
     out = tmp_path / "lstm.pt"
     xlstm("export", trained, "--to", "torch", "--output", out, check=0)
-    from xlstm.app.train import load_model
+    from xlstm.app.checkpoint import load_model
     model, vocab, meta, _ = load_model(str(trained), backend="numpy")
     lstm = model[1]
     t = torch.nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers)

@@ -87,7 +87,7 @@ class LSTM(Module):
         self.forget_bias = float(forget_bias)
         self.recurrent_dropout, self.zoneout = float(recurrent_dropout), float(zoneout)
         self.seed = seed
-        self._mask_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
+        self.mask_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
         self._cache = None
         self.last_masks = None
         self.tracer = None      # set by xlstm.trace to record every intermediate
@@ -156,7 +156,7 @@ class LSTM(Module):
         return arr.astype(np.int64)
 
     # -- masks ----------------------------------------------------------------------------
-    def _draw_masks(self, T, B):
+    def draw_masks(self, T, B):
         """Per layer and direction: (zc, zh, gmask) arrays [T,B,H] or None, on the backend.
 
         Drawn on the host from the model's seeded generator, so the same seed gives the same
@@ -169,14 +169,14 @@ class LSTM(Module):
                 zc = zh = gm = None
                 if self.zoneout > 0:
                     if self.training:
-                        zc = (self._mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
-                        zh = (self._mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
+                        zc = (self.mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
+                        zh = (self.mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
                     else:
                         zc = np.full((T, B, H), self.zoneout, self.dtype)
                         zh = zc
                 if self.recurrent_dropout > 0 and self.training:
                     keep = 1.0 - self.recurrent_dropout
-                    gm = (self._mask_rng.random((T, B, H)) < keep).astype(self.dtype) / self.dtype.type(keep)
+                    gm = (self.mask_rng.random((T, B, H)) < keep).astype(self.dtype) / self.dtype.type(keep)
                 out[(k, d)] = tuple(None if m is None else self.backend.asarray(m) for m in (zc, zh, gm))
         return out
 
@@ -199,7 +199,7 @@ class LSTM(Module):
         T, B, _ = x.shape
         dirs = self.num_directions
         if masks is None:
-            masks = self._draw_masks(T, B)
+            masks = self.draw_masks(T, B)
         self.last_masks = masks
         if lengths is None:
             step_mask, rev = None, None

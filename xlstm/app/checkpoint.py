@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -234,3 +235,37 @@ def load_latest(path: str, warn=print) -> tuple[str, dict, dict]:
             continue
         return c, arrays, meta
     raise CheckpointError(f"no usable checkpoint in {path}: " + " | ".join(errors))
+
+
+class Run(NamedTuple):
+    """A trained run, loaded: ``model`` (Embedding -> LSTM -> Dense, in eval mode), its
+    ``vocab`` (``vocab.encode(tokens)``, ``vocab.decode(ids)``, ``vocab.tokens``, ``vocab.level``:
+    "char" or "word"), ``meta`` (config, step, losses: the checkpoint's meta.json) and the
+    checkpoint ``folder`` it came from."""
+
+    model: object
+    vocab: object
+    meta: dict
+    folder: str
+
+
+def load_model(path: str, backend=None, warn=print) -> Run:
+    """The newest good checkpoint at ``path`` (a run folder or one ckpt-* folder) as a model on
+    ``backend`` (None: the current one), with its vocabulary; ``xlstm.load`` is this."""
+    from .. import backends
+    from . import data, model as lm
+
+    backend = backends.resolve(backend)        # an unusable --backend cupy is reported first
+    folder, arrays, meta = load_latest(path, warn=warn)
+    vocab = data.Vocab.from_json(meta.get("vocab"))
+    cfg = dict(lm.DEFAULTS)
+    cfg.update(meta.get("config") or {})
+    try:
+        model = lm.build_model(cfg, len(vocab), backend)
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+    except InputError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {folder} does not fit its own config "
+                              f"(incompatible or damaged): {e}") from None
+    return Run(model.eval(), vocab, meta, folder)

@@ -78,9 +78,7 @@ def generate(model, vocab, prime: str, length: int, temperature: float = 0.8, to
 
 
 def _sample(args) -> int:
-    from .train import load_model
-
-    model, vocab, meta, folder = load_model(args.checkpoint, backend=args.backend, warn=_warn)
+    model, vocab, meta, folder = checkpoint.load_model(args.checkpoint, backend=args.backend, warn=_warn)
     val = meta.get("val_loss")
     _warn(f"xlstm sample: {folder} (step {meta.get('step')}"
           + (f", val loss {val:.4f} nats)" if isinstance(val, (int, float)) else ")"))
@@ -91,13 +89,12 @@ def _sample(args) -> int:
 
 def _export(args) -> int:
     from ..interop import to_torch_state_dict
-    from .train import load_model
 
     if importlib.util.find_spec("torch") is None:
         raise InputError("export --to torch needs PyTorch, which is not installed; pip install torch")
     import torch
 
-    model, vocab, meta, folder = load_model(args.checkpoint, backend="numpy", warn=_warn)
+    model, vocab, meta, folder = checkpoint.load_model(args.checkpoint, backend="numpy", warn=_warn)
     lstm = model[1]
     if lstm.layer_norm:
         raise InputError(f"export --to torch: {folder} was trained with --layer-norm, and torch.nn.LSTM has no "

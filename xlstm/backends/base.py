@@ -47,6 +47,7 @@ class Backend:
     name: str = "?"
     xp = None
     _force_eager = False    # True inside ``eager()``
+    pending = None          # the active ``deferred()`` queue: input checks of device arrays wait there
 
     @contextlib.contextmanager
     def eager(self):
@@ -75,6 +76,11 @@ class Backend:
     def owns(self, a) -> bool:
         """True when ``a`` is an array of this backend's module."""
         return isinstance(a, self.xp.ndarray)
+
+    def deferred(self):
+        """A queue of device values and input checks read in one transfer (``backends/deferred.py``)."""
+        from .deferred import DeviceReads
+        return DeviceReads(self)
 
     def synchronize(self) -> None:
         """Wait until all queued device work has finished (no-op on the CPU)."""

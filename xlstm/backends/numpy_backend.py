@@ -95,6 +95,10 @@ class NumpyBackend(Backend):
     def to_numpy(self, a, copy: bool = False):
         return np.array(self.asarray(a)) if copy else self.asarray(a)
 
+    def deferred(self):
+        from .deferred import HostReads
+        return HostReads(self)
+
     def _tmp(self, key, shape, dtype):
         """A scratch buffer reused across time steps (so the loop does not allocate)."""
         k = (key, shape, dtype)                 # dtype as given: np.dtype(...).str costs ~0.3 us a call
