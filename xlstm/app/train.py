@@ -499,9 +499,17 @@ class Trainer:
         try:
             train_ids, val_ids = data.split(ids, cfg["val_fraction"], cfg["seq_len"], cfg["batch"])
         except InputError as e:
-            if not cfg["max_chars"]:
+            if not cfg["max_chars"] or len(text) < cfg["max_chars"]:
                 raise
-            raise InputError(f"{e}; or raise --max-chars (it cut the corpus to {len(text):,} characters)") from None
+            least = ""
+            if cfg["level"] == "char":      # the shortest corpus whose training split holds one window
+                need = cfg["batch"] * (cfg["seq_len"] + 1) + cfg["seq_len"] - 1
+                n = need
+                while n - max(2, int(round(n * cfg["val_fraction"]))) < need:
+                    n += 1
+                least = f" at least {n:,} with these sizes"
+            raise InputError(f"{e}; here --max-chars {cfg['max_chars']:,} cut the corpus that short: "
+                             f"give a larger --max-chars ({least.strip() or 'more characters'})") from None
         self.stream = data.BatchStream(train_ids, cfg["seq_len"], cfg["batch"], seed=cfg["seed"])
         val = data.eval_streams(val_ids, max(cfg["batch"], 64), cfg["eval_tokens"] or None)
         self.mine = distributed.shard(cfg["batch"], group.rank, group.world)     # this process's training streams
