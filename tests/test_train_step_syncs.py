@@ -349,7 +349,7 @@ def test_gpu_training_steps_queue_and_read_at_the_log(gpu_be):
         distributed.FlatParams(model)
         distributed.FlatGrads(model)
         opt = optim.Adam(model, lr=1e-3)
-        carry, losses = None, []
+        carry = None
         with b.deferred() as reads:
             for i, x in enumerate(ids):
                 loss, norm, carry = train.train_step(model, opt, x[:-1], x[1:], carry, 1.0)

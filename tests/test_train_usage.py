@@ -2,7 +2,6 @@
 finished run, SIGTERM, the hints it prints, its messages for mistakes, the files it writes.
 Every test runs the real command in a subprocess."""
 import importlib.util
-import json
 import math
 import os
 import shlex
