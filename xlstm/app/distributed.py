@@ -49,7 +49,7 @@ class DistributedError(XlstmError, RuntimeError):
 def add_arguments(g) -> None:
     g.add_argument("--nproc", type=int, metavar="N",
                    help="train data-parallel on N processes on this machine (starts torchrun; needs torch: "
-                        "pip install 'xlstm[distributed]'); --batch must be a multiple of N")
+                        "pip install 'xlstm-bptt[distributed]'); --batch must be a multiple of N")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help="distributed runs: stop when another process has not answered for S seconds "
                         f"(default {DEFAULT_TIMEOUT_S:g})")
@@ -65,7 +65,7 @@ def _need_torch(what: str):
         import torch
         import torch.distributed as dist
     except ImportError as e:
-        raise InputError(f"{what} needs PyTorch ({e}); install it with pip install 'xlstm[distributed]' "
+        raise InputError(f"{what} needs PyTorch ({e}); install it with pip install 'xlstm-bptt[distributed]' "
                          "(or train on one process without --nproc/torchrun)") from None
     if not dist.is_available():
         raise InputError(f"{what} needs torch.distributed, which this PyTorch build lacks; "

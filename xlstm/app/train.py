@@ -252,7 +252,7 @@ class Metrics:
 def _require_matplotlib():
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib, which is not installed; "
-                         "pip install matplotlib (or 'xlstm[plot]'), or drop --plot")
+                         "pip install matplotlib (or 'xlstm-bptt[plot]'), or drop --plot")
 
 
 def write_plot(run_dir: str, unigram: float | None) -> str:

@@ -997,7 +997,7 @@ def plot_results(result: dict, path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'xlstm[plot]')"
+        return "matplotlib is not installed (pip install 'xlstm-bptt[plot]')"
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     if not rows:
         return "no timed cells"
