@@ -334,16 +334,17 @@ def _quiet_precision_warning():
     warnings.simplefilter("ignore", PrecisionEmulationWarning)
 
 
-def plan(args, world: int = 1):
+def plan(args, world: int = 1, main: bool = True):
     """(config, run folder, (folder, arrays, meta) of the checkpoint resumed or None), checked.
 
     Everything that can be refused before a process starts is refused here (the --nproc
-    launcher calls it first, so a bad option is one message, not one per process).
+    launcher calls it first, so a bad option is one message, not one per process). ``main``:
+    this process reports skipped damaged checkpoints (the others keep quiet).
     """
     given = given_options(args)
     resumed = None
     if args.resume:
-        folder, arrays, meta = checkpoint.load_latest(args.resume, warn=lambda s: print(s, file=sys.stderr))
+        folder, arrays, meta = checkpoint.load_latest(args.resume, warn=lambda s: main and print(s, file=sys.stderr))
         cfg = merge_resumed(meta.get("config") or {}, given, folder)
         run_dir = args.out or (os.path.dirname(os.path.abspath(folder)) if checkpoint.checkpoint_step(folder) is not None
                                else args.resume)
@@ -446,7 +447,7 @@ class Trainer:
 
     def __init__(self, args, backend, group, t_start: float):
         self.args, self.backend, self.group, self.t_start = args, backend, group, t_start
-        self.cfg, run_dir, self.resumed = plan(args, group.world)
+        self.cfg, run_dir, self.resumed = plan(args, group.world, group.main)
         self.run_dir = group.run_dir = group.broadcast(run_dir)     # rank 0 names the run folder
         self.step_no, self.carry, self.elapsed0, self.last_val = 0, None, 0.0, None
         self.setup()
@@ -727,7 +728,7 @@ def run(args) -> int:
         if distributed.launched():
             raise InputError("--nproc starts the processes itself; under torchrun drop --nproc")
         distributed.check_launch(args.nproc)
-        plan(args, args.nproc)          # refuse bad options once, before any process starts
+        plan(args, args.nproc, main=False)      # refuse bad options once, before any process starts
         return distributed.launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
     t_start = time.time()
     # an unusable --backend cupy stops here, with the reason; under torchrun each process takes its own GPU
