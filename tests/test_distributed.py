@@ -181,7 +181,7 @@ def test_nproc_must_be_positive():
 
 def test_nproc_without_torch_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)         # `import torch` now fails as if not installed
-    with pytest.raises(InputError, match=r"xlstm\[distributed\]"):
+    with pytest.raises(InputError, match=r"xlstm-bptt\[distributed\]"):
         distributed.launch(2, ["train"])
 
 

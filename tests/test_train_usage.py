@@ -162,11 +162,13 @@ def test_the_sample_hint_runs_as_printed(corpus, tmp_path):
     assert xlstm(*cmd[1:], "--seed", "0", check=0).stdout.startswith("def ")
 
 
-def test_nproc_checks_options_once_before_starting_processes(corpus, tmp_path):
+@pytest.mark.parametrize("bad,says", [(["--batch", "32"], "cannot be split evenly over 3 processes"),
+                                      (["--dist-timeout", "-1"], "--dist-timeout must be a positive number")])
+def test_nproc_checks_options_once_before_starting_processes(corpus, tmp_path, bad, says):
     pytest.importorskip("torch")
-    r = xlstm("train", "--text", corpus, *TINY, "--nproc", "3", "--batch", "32", "--out", tmp_path / "r", check=2)
-    assert r.stderr.count("cannot be split evenly over 3 processes") == 1, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "exitcode" not in r.stderr, r.stderr
+    r = xlstm("train", "--text", corpus, *TINY, "--nproc", "3", *bad, "--out", tmp_path / "r", check=2)
+    assert r.stderr.count(says) == 1, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "exitcode" not in r.stderr and "process 0" not in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(_gloo_missing() is not None, reason=str(_gloo_missing()))

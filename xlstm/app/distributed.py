@@ -94,10 +94,16 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def check_launch(nproc) -> None:
-    """Refuse a bad --nproc, or a missing torch, before anything starts."""
+def check_timeout(timeout_s) -> None:
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
+
+
+def check_launch(nproc, timeout_s=DEFAULT_TIMEOUT_S) -> None:
+    """Refuse a bad --nproc or --dist-timeout, or a missing torch, before anything starts."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise InputError(f"--nproc must be a positive integer, got {nproc!r}")
+    check_timeout(timeout_s)
     _need_torch("--nproc")
 
 
@@ -149,8 +155,7 @@ def setup(backend_name, timeout_s: float):
     """(backend, process group) of this run: ``Single()`` unless torchrun started this process."""
     from .. import backends
 
-    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-        raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
+    check_timeout(timeout_s)
     if not launched():
         return backends.resolve(backend_name), Single()
     if (backend_name or backends.default_name()) != "numpy":

@@ -727,7 +727,7 @@ def run(args) -> int:
     if getattr(args, "nproc", None) is not None:
         if distributed.launched():
             raise InputError("--nproc starts the processes itself; under torchrun drop --nproc")
-        distributed.check_launch(args.nproc)
+        distributed.check_launch(args.nproc, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
         plan(args, args.nproc, main=False)      # refuse bad options once, before any process starts
         return distributed.launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
     t_start = time.time()
