@@ -5,10 +5,11 @@
 The corpus is cut into ``--batch`` streams read in windows of ``--seq-len`` tokens, the LSTM
 state carried from window to window; Adam with global-norm clipping and a warm-up + cosine
 learning rate. Without ``--text`` it trains on the Python standard library's source (no
-download). Checkpoints (see ``xlstm/checkpoint.py``) hold everything a run depends on, so
-``--resume`` continues exactly: the resumed losses equal an uninterrupted run's (tested on
-the CPU; on the GPU every gradient is summed in a fixed order, no atomics, and the gpu tests
-in tests/test_train.py check the same there).
+download). Checkpoints (``checkpoint.py``) hold everything a run depends on, so ``--resume``
+continues exactly: the resumed losses equal an uninterrupted run's (tested on the CPU; on the
+GPU every gradient is summed in a fixed order, no atomics, and the gpu tests in
+tests/test_train.py check the same there). A larger ``--steps`` on ``--resume`` adds a new
+learning-rate schedule phase (``schedule_phases``). Ctrl-C and SIGTERM finish the step and save.
 """
 from __future__ import annotations
 
@@ -325,6 +326,17 @@ def _new_out_dir() -> str:
     raise InputError("runs/ has 9999 runs; pass --out DIR")
 
 
+def _least_chars(cfg: dict) -> str:
+    """' (at least N with these sizes)': the shortest char-level corpus whose training split holds one window."""
+    if cfg["level"] != "char":
+        return ""
+    need = cfg["batch"] * (cfg["seq_len"] + 1) + cfg["seq_len"] - 1
+    n = need
+    while n - max(2, int(round(n * cfg["val_fraction"]))) < need:      # data.split's validation share
+        n += 1
+    return f" (at least {n:,} with these sizes)"
+
+
 def _quiet_precision_warning():
     """The header says a precision mode is emulated; the library's one-time warning would only
     print a source line into the progress bar."""
@@ -475,11 +487,20 @@ class Trainer:
         """Corpus, vocabulary, batches (this process's streams), model and optimiser."""
         from ..optim import Adam
 
-        cfg, group, args = self.cfg, self.group, self.args
-        if args.threads and self.backend.name == "numpy":
-            limit_blas_threads(args.threads)
+        cfg = self.cfg
+        if self.args.threads and self.backend.name == "numpy":
+            limit_blas_threads(self.args.threads)
         if cfg.get("precision", "float32") != "float32":
             _quiet_precision_warning()
+        ids, chars = self.read_corpus()
+        self.make_batches(ids, chars)
+        self.model = build_model(cfg, len(self.vocab), self.backend)
+        self.lstm = lstm_of(self.model)
+        self.opt = Adam(self.model, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+    def read_corpus(self):
+        """(token ids, characters read): the text, checked against a resumed run's, and its vocabulary."""
+        cfg = self.cfg
         text, self.desc = _corpus(cfg)
         self.corpus_sha = data.fingerprint(text)
         vocab = None
@@ -494,32 +515,26 @@ class Trainer:
         toks = data.tokenize(text, cfg["level"])
         self.vocab = vocab or data.Vocab.build(toks, cfg["level"], cfg["vocab_size"])
         ids = self.vocab.encode(toks)
-        del toks
         self.n_tokens = len(ids)
         self.unigram = data.unigram_entropy(ids, len(self.vocab))
+        return ids, len(text)
+
+    def make_batches(self, ids, chars: int) -> None:
+        """Training windows (this process's streams of them), validation streams, the planned total."""
+        cfg, group = self.cfg, self.group
         try:
             train_ids, val_ids = data.split(ids, cfg["val_fraction"], cfg["seq_len"], cfg["batch"])
         except InputError as e:
-            if not cfg["max_chars"] or len(text) < cfg["max_chars"]:
+            if not cfg["max_chars"] or chars < cfg["max_chars"]:
                 raise
-            least = ""
-            if cfg["level"] == "char":      # the shortest corpus whose training split holds one window
-                need = cfg["batch"] * (cfg["seq_len"] + 1) + cfg["seq_len"] - 1
-                n = need
-                while n - max(2, int(round(n * cfg["val_fraction"]))) < need:
-                    n += 1
-                least = f" at least {n:,} with these sizes"
-            raise InputError(f"{e}; here --max-chars {cfg['max_chars']:,} cut the corpus that short: "
-                             f"give a larger --max-chars ({least.strip() or 'more characters'})") from None
+            raise InputError(f"{e}; here --max-chars {cfg['max_chars']:,} cut the corpus that short: give a "
+                             f"larger --max-chars{_least_chars(cfg)}") from None
         self.stream = data.BatchStream(train_ids, cfg["seq_len"], cfg["batch"], seed=cfg["seed"])
         val = data.eval_streams(val_ids, max(cfg["batch"], 64), cfg["eval_tokens"] or None)
         self.mine = distributed.shard(cfg["batch"], group.rank, group.world)     # this process's training streams
         self.val = val[distributed.shard(len(val), group.rank, group.world)]
         self.total = (cfg["steps"] if cfg["steps"] is not None
                       else max(1, math.ceil(cfg["epochs"] * self.stream.windows_per_epoch)))
-        self.model = build_model(cfg, len(self.vocab), self.backend)
-        self.lstm = lstm_of(self.model)
-        self.opt = Adam(self.model, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
     def resume(self) -> None:
         """Parameters, optimiser moments, RNG states, data position and carried state of the checkpoint."""
