@@ -258,3 +258,18 @@ def test_layer_norm_mean_is_bitwise_np_mean(dtype):
         got = np.empty(shape[:2], dtype)
         NumpyBackend._mean_rows(v, got)
         np.testing.assert_array_equal(got, np.mean(v, axis=2))
+
+
+def test_host_reads_are_floats_at_once_and_a_check_raises_at_once():
+    from xlstm import checks
+    be = xlstm.backends.resolve("numpy")
+    with be.deferred() as reads:
+        reads.put("a", np.float64(1.5))
+        reads.put(("b", 2), np.array(2.0))
+        with pytest.raises(xlstm.InputError, match="bad input"):
+            checks.require(be, np.bool_(False), lambda: "bad input")      # not queued: at once
+        with be.deferred() as inner:                                      # nested: its own queue
+            assert be.pending is inner
+        assert be.pending is reads
+        assert reads.read() == {"a": 1.5, ("b", 2): 2.0} and reads.read() == {}
+    assert be.pending is None
