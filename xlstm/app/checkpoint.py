@@ -9,7 +9,8 @@ A run directory holds::
 A checkpoint is written into ``OUT/ckpt.tmp-XXXX/``, each file fsynced, then renamed to its
 final name in one ``os.replace``: a crash or a full disk mid-save leaves only a stray temporary
 folder, never a half-written checkpoint, and the previous checkpoints stay as they were.
-Loading checks the SHA-256 and reads the arrays with ``allow_pickle=False``.
+Loading checks the SHA-256 and reads the arrays with ``allow_pickle=False``; ``load_model``
+turns the newest good checkpoint back into the trained model and its vocabulary (``xlstm.load``).
 """
 from __future__ import annotations
 
