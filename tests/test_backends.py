@@ -91,3 +91,18 @@ def test_what_callers_keep_does_not_follow_later_training(D, H):
     for w, d in kept.items():
         for k, v in d.items():
             np.testing.assert_array_equal(v, frozen[w][k], err_msg=f"{w} {k} changed after training on")
+
+
+def test_host_reads_are_floats_at_once_and_a_check_raises_at_once():
+    from xlstm import checks
+    be = xlstm.backends.resolve("numpy")
+    with be.deferred() as reads:
+        reads.put("a", np.float64(1.5))
+        reads.put(("b", 2), np.array(2.0))
+        with pytest.raises(xlstm.InputError, match="bad input"):
+            checks.require(be, np.bool_(False), lambda: "bad input")      # not queued: at once
+        with be.deferred() as inner:                                      # nested: its own queue
+            assert be.pending is inner
+        assert be.pending is reads
+        assert reads.read() == {"a": 1.5, ("b", 2): 2.0} and reads.read() == {}
+    assert be.pending is None

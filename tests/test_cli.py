@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import xlstm
 
 
@@ -34,3 +36,21 @@ def test_gradcheck_command_passes():
 def test_no_command_prints_help_and_exits_2():
     out = _run()
     assert out.returncode == 2 and "COMMAND" in out.stdout
+
+
+def test_the_distribution_has_a_name_of_its_own_and_every_install_hint_uses_it():
+    # "xlstm" on the package index is NX-AI's Extended LSTM: a hint `pip install 'xlstm[...]'`
+    # would install someone else's code
+    import pathlib
+    import re
+    tomllib = pytest.importorskip("tomllib")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "xlstm-bptt"
+    assert project["scripts"] == {"xlstm": "xlstm.app.cli:main"}
+    assert {"train", "torch", "distributed", "plot", "test", "cuda12", "cuda13"} <= set(project["optional-dependencies"])
+    hints = [(str(p.relative_to(root)), m) for p in (root / "xlstm").rglob("*.py")
+             for m in re.findall(r"pip install[^\n]*?\bxlstm\[", p.read_text())]
+    assert not hints, hints
+    readme = (root / "README.md").read_text()
+    assert "xlstm-bptt" in readme and "NX-AI" in readme

@@ -181,7 +181,7 @@ def test_nproc_must_be_positive():
 
 def test_nproc_without_torch_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)         # `import torch` now fails as if not installed
-    with pytest.raises(InputError, match=r"xlstm\[distributed\]"):
+    with pytest.raises(InputError, match=r"xlstm-bptt\[distributed\]"):
         distributed.launch(2, ["train"])
 
 
@@ -373,3 +373,13 @@ def test_one_rank_nccl_run_equals_a_plain_run(corpus, tmp_path):
     assert "done: 25 steps" in r.stdout
     # one rank: the all-reduce adds nothing and divides by 1, so only GPU nondeterminism could differ
     assert_close(arrays(tmp_path / "nccl" / "ckpt-000025"), arrays(tmp_path / "plain" / "ckpt-000025"), 1e-12)
+
+
+def test_both_process_groups_provide_the_protocol():
+    proto = distributed.ProcessGroup
+    methods = [n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")]
+    assert {"allreduce_grads", "sum", "any", "broadcast", "gather_streams", "draw_masks"} <= set(methods)
+    for cls in (distributed.Single, distributed.TorchGroup):
+        assert all(callable(getattr(cls, n, None)) for n in methods), cls
+    s = distributed.Single()
+    assert all(hasattr(s, a) for a in proto.__annotations__)

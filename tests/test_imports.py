@@ -111,3 +111,21 @@ def test_each_module_imports_first_in_a_fresh_interpreter():
             failed[n] = err[-1500:]
     assert not failed, "modules that fail to import first in a fresh interpreter:\n" + \
         "\n".join(f"--- {n}\n{e}" for n, e in failed.items())
+
+
+def test_sample_loads_a_run_without_the_training_module():
+    mods = _modules()
+    assert "xlstm.app.train" not in _imports("xlstm.app.sample", mods["xlstm.app.sample"], set(mods))
+    assert "xlstm.app.train" not in _imports("xlstm", mods["xlstm"], set(mods))       # xlstm.load neither
+
+
+def test_the_training_loop_does_not_know_the_device():
+    # device reads and input checks go through backend.deferred(); nothing in train.py reads a
+    # device array, synchronises, or touches the array module itself
+    import re
+    src = (PKG / "app" / "train.py").read_text()
+    loop = [ast.get_source_segment(src, n) for n in ast.parse(src).body
+            if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in ("Trainer", "train_step", "eval_sums")]
+    assert len(loop) == 3
+    found = re.findall(r"cupy|synchronize|to_numpy|\.xp\b|\bchecks\.", "\n".join(loop))
+    assert not found, found

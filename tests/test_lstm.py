@@ -210,3 +210,26 @@ def test_integer_input_is_converted_but_float_precision_is_not_silently_changed(
     m = _model()
     y, _ = m.forward(np.ones((2, 1, 3), np.int64))
     assert y.dtype == np.float32
+
+
+def test_batch_first_is_the_time_major_model_transposed():
+    # the same seed and weights: batch_first=True takes and gives [B,T,...], and every output,
+    # input gradient, state and parameter gradient equals the time-major model's, bit for bit
+    rng = np.random.default_rng(21)
+    kw = dict(num_layers=2, bidirectional=True, seed=3, dtype="float64", zoneout=0.1, recurrent_dropout=0.1)
+    tm, bf = xlstm.LSTM(3, 5, **kw), xlstm.LSTM(3, 5, batch_first=True, **kw)
+    x = rng.standard_normal((6, 4, 3))                  # [T,B,D]
+    lengths = [6, 2, 5, 1]
+    y1, s1 = tm.forward(x, lengths=lengths)
+    y2, s2 = bf.forward(x.transpose(1, 0, 2).tolist(), lengths=lengths)     # [B,T,D], as a list too
+    assert y2.shape == (4, 6, 10) and np.array_equal(y2, y1.transpose(1, 0, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(s1, s2))
+    dy = rng.standard_normal(y1.shape)
+    dx1, ds1 = tm.backward(dy)
+    dx2, ds2 = bf.backward(dy.transpose(1, 0, 2))
+    assert dx2.shape == (4, 6, 3) and np.array_equal(dx2, dx1.transpose(1, 0, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(ds1, ds2))
+    assert all(np.array_equal(tm.grads[k], bf.grads[k]) for k in tm.grads)
+    with pytest.raises(xlstm.InputError, match=r"\[B,T,\.\.\.\] \(batch_first=True\)"):
+        bf.forward(np.zeros((4, 3)))
+    assert "batch_first=True" in repr(bf) and "batch_first" not in repr(tm)

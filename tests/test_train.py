@@ -123,18 +123,42 @@ def test_export_to_torch_matches_the_lstm(trained, tmp_path):
     torch = pytest.importorskip("torch")
     out = tmp_path / "lstm.pt"
     xlstm("export", trained, "--to", "torch", "--output", out, check=0)
-    from xlstm.app.train import load_model
+    from xlstm.app.checkpoint import load_model
     model, vocab, meta, _ = load_model(str(trained), backend="numpy")
     lstm = model[1]
     t = torch.nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers)
-    t.load_state_dict(torch.load(out))
+    saved = torch.load(out)
+    t.load_state_dict(saved["lstm"])
+    assert saved["vocab"] == {"level": vocab.level, "tokens": vocab.tokens}
     x = np.random.default_rng(0).standard_normal((5, 2, lstm.input_size)).astype(np.float32)
     y, _ = lstm.forward(x)
     ty, _ = t(torch.from_numpy(x))
     np.testing.assert_allclose(ty.detach().numpy(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_the_printed_full_export_loader_runs_and_gives_the_models_logits(trained, tmp_path):
+    # the lines `xlstm export --full` prints, run as they are, then the torch modules they build
+    # give the xlstm model's logits, and ids map back to text through the exported vocabulary
+    pytest.importorskip("torch")
     full = tmp_path / "full.pt"
-    xlstm("export", trained, "--to", "torch", "--full", "--output", full, check=0)
-    assert {"embedding.weight", "decoder.weight", "decoder.bias"} <= set(torch.load(full))
+    r = xlstm("export", trained, "--to", "torch", "--full", "--output", full, check=0)
+    code = r.stdout.split("load it with:\n", 1)[1]
+    code = "\n".join(line[4:] for line in code.splitlines() if line.startswith("    "))
+    check = f"""
+import json, numpy as np
+from xlstm.app.checkpoint import load_model
+model, vocab, meta, _ = load_model({str(trained)!r}, backend="numpy")
+ids = vocab.encode(list("def x"))
+want = model.forward(ids[:, None])
+h, _ = lstm(embedding(torch.from_numpy(ids)[:, None]))
+got = decoder(h).detach().numpy()
+assert np.abs(got - want).max() < 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+assert "".join(tokens[i] for i in ids) == "def x"
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
 
 
 def test_word_level_with_epochs(corpus, tmp_path):

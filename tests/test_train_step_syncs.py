@@ -25,7 +25,7 @@ import pytest
 
 import xlstm
 from support.standin import install_fakes
-from xlstm import checks, optim
+from xlstm import optim
 from xlstm.app import distributed, train
 from xlstm.errors import InputError
 from xlstm.losses import cross_entropy
@@ -65,7 +65,7 @@ def test_the_eager_loop_does_not_sync_either(host_lib, monkeypatch, capfd):
     ops = {}
     for T in (8, 16):
         fake, be, model, opt = _setup(host_lib, monkeypatch, graphs=False)
-        with checks.deferred():
+        with be.deferred():
             per, _, _ = _steps(fake, model, opt, T)
             assert per[-1][0] == 0, per[-1][2]
             ops[T] = per[-1][1]
@@ -76,17 +76,19 @@ def test_the_eager_loop_does_not_sync_either(host_lib, monkeypatch, capfd):
 @pytest.mark.parametrize("T,layers", [(8, 1), (16, 1), (8, 2)])
 def test_a_training_step_never_syncs_and_its_ops_do_not_grow_with_T(host_lib, monkeypatch, T, layers):
     fake, be, model, opt = _setup(host_lib, monkeypatch, layers=layers)
-    with checks.deferred():
+    with be.deferred() as reads:
         per, loss, norm = _steps(fake, model, opt, T)
         syncs, ops, sites = per[-1]          # steady state: the graphs are captured
         assert syncs == 0, f"host syncs in a training step at {sites}"
         assert ops <= OPS_FIRST_LAYER + OPS_PER_LAYER * (layers - 1), (ops, dict(fake.counts.ops))
         assert per[-1][1] == per[-2][1]
         fake.counts.reset()
-        vals = train.read_floats(be, [loss, norm])     # the natural sync: one transfer
-        assert fake.counts.total_syncs() == 1 and all(np.isfinite(vals))
+        reads.put("loss", loss)
+        reads.put("norm", norm)
+        vals = reads.read()             # the natural sync: the values and the queued checks, one transfer
+        assert fake.counts.total_syncs() == 1 and all(np.isfinite(list(vals.values())))
         fake.counts.reset()
-    assert fake.counts.total_syncs() == 1            # leaving the block reads the queued checks, once
+    assert fake.counts.total_syncs() == 0            # nothing was left to read
 
 
 def test_the_counter_sees_the_host_reads_it_is_meant_to_prevent(host_lib, monkeypatch):
@@ -107,7 +109,7 @@ def test_flat_adam_is_one_launch_not_a_dozen_per_parameter(host_lib, monkeypatch
     per = {}
     for flat in (False, True):
         fake, be, model, opt = _setup(host_lib, monkeypatch, flat=flat)
-        with checks.deferred():
+        with be.deferred():
             per[flat] = _steps(fake, model, opt, 8)[0][-1][1]
         if flat:
             assert fake.counts.ops["raw:adam_step_f32"] == 1
@@ -160,16 +162,16 @@ def test_nan_input_on_the_device_still_raises_with_its_name(host_lib, monkeypatc
     with pytest.raises(InputError, match="x contains NaN"):        # not deferred: at once
         lstm.forward(be.asarray(x))
     with pytest.raises(InputError, match="x contains NaN"):
-        with checks.deferred():
+        with be.deferred() as reads:
             fake.counts.reset()
             lstm.forward(be.asarray(x))                            # queued, no sync ...
             assert fake.counts.total_syncs() == 0
-            checks.flush()                                         # ... read at the natural sync
+            reads.read()                                           # ... read at the natural sync
     with pytest.raises(InputError, match=r"ids must lie in \[0, 20\).*got values in \[0, 25\]"):
-        with checks.deferred():
+        with be.deferred():
             model.forward(be.asarray(np.array([[0, 25]])))
     with pytest.raises(InputError, match=r"targets must lie in \[0, 20\)"):
-        with checks.deferred():
+        with be.deferred():
             cross_entropy(be.asarray(np.zeros((2, 20), np.float32)), be.asarray(np.array([3, -1])))
 
 
@@ -268,7 +270,7 @@ def test_flat_adam_equals_the_per_tensor_adam_bitwise(wd):
 def test_validation_reads_the_device_once_and_sums_as_before(host_lib, monkeypatch):
     fake, be, model, opt = _setup(host_lib, monkeypatch)
     streams = np.random.default_rng(8).integers(0, 20, (3, 30))
-    with checks.deferred():
+    with be.deferred():
         fake.counts.reset()
         total, count = train.eval_sums(model, streams, 8)
         assert fake.counts.total_syncs() == 1, dict(fake.counts.sync_sites)
@@ -341,12 +343,12 @@ def test_gpu_training_steps_queue_and_read_at_the_log(gpu_be):
         distributed.FlatParams(model)
         distributed.FlatGrads(model)
         opt = optim.Adam(model, lr=1e-3)
-        carry, losses = None, []
-        with checks.deferred():
-            for x in ids:
+        carry = None
+        with b.deferred() as reads:
+            for i, x in enumerate(ids):
                 loss, norm, carry = train.train_step(model, opt, x[:-1], x[1:], carry, 1.0)
-                losses.append(loss)
-            out[b.name] = train.read_floats(b, losses)
+                reads.put(i, loss)
+            out[b.name] = list(reads.read().values())
     np.testing.assert_allclose(out["cupy"], out["numpy"], rtol=1e-5)
 
 
@@ -414,7 +416,7 @@ def test_the_cross_entropy_kernel_matches_numpy(host_lib, monkeypatch, dtype, V)
     logits = (rng.standard_normal((5, 3, V)) * 30).astype(dtype)
     t = rng.integers(0, V, (5, 3))
     want, dwant = cross_entropy(logits, t)
-    with checks.deferred():
+    with be.deferred():
         fake.counts.reset()
         got, dgot = cross_entropy(be.asarray(logits), be.asarray(t), on_device=True)
         assert fake.counts.ops[f"raw:softmax_xent_{'f32' if dtype == 'float32' else 'f64'}"] == 1
@@ -432,7 +434,7 @@ def test_the_cross_entropy_kernel_never_reads_past_a_row(host_lib, monkeypatch):
     from xlstm import backends
     be = backends._cupy_backend()
     with pytest.raises(InputError, match=r"targets must lie in \[0, 4\).*\[0, 9\]"):
-        with checks.deferred():
+        with be.deferred():
             loss, _ = cross_entropy(be.asarray(np.zeros((2, 4), np.float32)), be.asarray(np.array([0, 9])),
                                     on_device=True)
             assert np.isnan(np.asarray(loss).view(np.ndarray))

@@ -7,16 +7,10 @@ and what came in, so no input is ever computed on silently wrong.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .backends.base import is_device_array
 from .errors import InputError
-
-# Checks of device (cupy) arrays queued by ``deferred()``: (backend, 0-d bool "ok" on the device,
-# message or a function giving it). None: every check reads its flag at once.
-_pending: list | None = None
 
 
 def host_numpy(a) -> np.ndarray:
@@ -72,13 +66,14 @@ def as_array(backend, a, name: str, dtype=None, ndim: int | None = None,
 def require(backend, ok, message) -> None:
     """Raise InputError(message) unless ``ok`` (a bool, or a 0-d bool array of ``backend``).
 
-    A device array's flag is not read here while ``deferred()`` is active: it is queued and read,
-    with all the others in one transfer, by ``flush()``, so a training step does not wait for
-    the device to validate its inputs. ``message``: a string, or a function returning one
-    (called only on failure, so it may read device values).
+    Inside ``with backend.deferred() as reads`` the flag goes to ``reads``: a device flag is read
+    with the other queued values in one transfer at ``reads.read()``, so a training step does not
+    wait for the device to validate its inputs. ``message``: a string, or a function returning
+    one (called only on failure, so it may read device values).
     """
-    if _pending is not None and is_device_array(ok):
-        _pending.append((backend, ok, message))
+    queue = getattr(backend, "pending", None)
+    if queue is not None:
+        queue.check(ok, message)
         return
     if not bool(ok):
         raise InputError(message() if callable(message) else message)
@@ -98,35 +93,3 @@ def check_range(backend, a, name: str, lo: int, hi: int, what: str) -> None:
             raise InputError(msg())
         return
     require(backend, (a.min() >= lo) & (a.max() < hi), msg)
-
-
-@contextlib.contextmanager
-def deferred():
-    """Within: device-array checks queue their flags (see ``require``); ``flush()`` reads them.
-
-    Leaving the block normally flushes. Nested blocks share the outer queue.
-    """
-    global _pending
-    outer = _pending
-    if outer is None:
-        _pending = []
-    try:
-        yield
-        if outer is None:
-            flush()
-    finally:
-        if outer is None:
-            _pending = None
-
-
-def flush() -> None:
-    """Read every queued check (one device->host transfer per backend) and raise the first failure."""
-    if not _pending:
-        return
-    queued = list(_pending)
-    _pending.clear()
-    backend = queued[0][0]
-    ok = backend.to_numpy(backend.xp.stack([f for _, f, _ in queued]))
-    for (_, _, message), good in zip(queued, ok):
-        if not good:
-            raise InputError(message() if callable(message) else message)

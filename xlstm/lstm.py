@@ -65,13 +65,17 @@ class LSTM(Module):
         precision: "float32" (default, exact), "tf32" or "bf16": the GEMMs' operands are rounded
             to that format and summed in float32; state, pointwise math and gradients stay
             float32 (``xlstm/precision.py``). float32 models only. Emulated (slower) on NumPy.
+        batch_first: x, y, dy and dx as [B,T,...] (torch's ``batch_first=True``) instead of
+            [T,B,...]; states stay [layers*dirs,B,H]. A transpose at the boundary: the math is
+            time-major either way.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bidirectional: bool = False, layer_norm: bool = False, forget_bias: float = 1.0,
                  dtype="float32", seed=None, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
-                 layer_norm_eps: float = 1e-12, backend=None, precision="float32"):
+                 layer_norm_eps: float = 1e-12, backend=None, precision="float32", batch_first: bool = False):
         super().__init__(dtype, backend, precision)
+        self.batch_first = bool(batch_first)
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -87,7 +91,7 @@ class LSTM(Module):
         self.forget_bias = float(forget_bias)
         self.recurrent_dropout, self.zoneout = float(recurrent_dropout), float(zoneout)
         self.seed = seed
-        self._mask_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
+        self.mask_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
         self._cache = None
         self.last_masks = None
         self.tracer = None      # set by xlstm.trace to record every intermediate
@@ -115,8 +119,10 @@ class LSTM(Module):
         return f"l{layer}{'_reverse' if direction else ''}."
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={getattr(self, k)}" for k in ("num_layers", "bidirectional", "layer_norm")
-                        if getattr(self, k) not in (1, False))
+        # the options off their defaults (True == 1 in Python, so a flag is compared by identity)
+        extra = "".join(f", {k}={v}" for k, v in ((k, getattr(self, k)) for k in
+                                                 ("num_layers", "bidirectional", "layer_norm", "batch_first"))
+                        if v is True or (not isinstance(v, bool) and v != 1))
         prec = "" if self.precision == "float32" else f", precision={self.precision!r}"
         return (f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name}{prec}, "
                 f"backend={self.backend.name!r})")
@@ -156,7 +162,7 @@ class LSTM(Module):
         return arr.astype(np.int64)
 
     # -- masks ----------------------------------------------------------------------------
-    def _draw_masks(self, T, B):
+    def draw_masks(self, T, B):
         """Per layer and direction: (zc, zh, gmask) arrays [T,B,H] or None, on the backend.
 
         Drawn on the host from the model's seeded generator, so the same seed gives the same
@@ -169,14 +175,14 @@ class LSTM(Module):
                 zc = zh = gm = None
                 if self.zoneout > 0:
                     if self.training:
-                        zc = (self._mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
-                        zh = (self._mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
+                        zc = (self.mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
+                        zh = (self.mask_rng.random((T, B, H)) < self.zoneout).astype(self.dtype)
                     else:
                         zc = np.full((T, B, H), self.zoneout, self.dtype)
                         zh = zc
                 if self.recurrent_dropout > 0 and self.training:
                     keep = 1.0 - self.recurrent_dropout
-                    gm = (self._mask_rng.random((T, B, H)) < keep).astype(self.dtype) / self.dtype.type(keep)
+                    gm = (self.mask_rng.random((T, B, H)) < keep).astype(self.dtype) / self.dtype.type(keep)
                 out[(k, d)] = tuple(None if m is None else self.backend.asarray(m) for m in (zc, zh, gm))
         return out
 
@@ -194,12 +200,13 @@ class LSTM(Module):
         if trace:
             from .trace import traced_call
             return traced_call(self, "forward", x, state, lengths, masks)
+        x = self._time_major(x, "x")
         x, state, lengths = self._check_forward_inputs(x, state, lengths)
         xp, H = self.xp, self.hidden_size
         T, B, _ = x.shape
         dirs = self.num_directions
         if masks is None:
-            masks = self._draw_masks(T, B)
+            masks = self.draw_masks(T, B)
         self.last_masks = masks
         if lengths is None:
             step_mask, rev = None, None
@@ -225,9 +232,23 @@ class LSTM(Module):
                 caches.append(cache)
             inp = y
         self._cache = dict(caches=caches, step_mask=step_mask, rev=rev, T=T, B=B)
-        return y, (h_n, c_n)
+        return self._as_given(y), (h_n, c_n)
 
     __call__ = forward
+
+    def _time_major(self, a, name: str):
+        """[B,T,...] -> [T,B,...] when ``batch_first`` (a view; the input checks come after)."""
+        if not self.batch_first or a is None:
+            return a
+        if not hasattr(a, "swapaxes"):
+            a = np.asarray(a)
+        if a.ndim != 3:
+            raise InputError(f"{name} must have 3 dimensions [B,T,...] (batch_first=True), got shape {tuple(a.shape)}")
+        return a.swapaxes(0, 1)
+
+    def _as_given(self, a):
+        """A [T,B,...] result in the layout the caller uses."""
+        return self.xp.ascontiguousarray(a.swapaxes(0, 1)) if self.batch_first else a
 
     def _check_traceable(self):
         if self.precision != "float32":
@@ -300,6 +321,7 @@ class LSTM(Module):
         if trace:
             from .trace import traced_call
             return traced_call(self, "backward", dy, dstate)
+        dy = self._time_major(dy, "dy")
         if self._cache is None:
             raise StateError("backward() called before forward(): run forward(x) first; "
                              "backward uses what that forward stored")
@@ -333,7 +355,7 @@ class LSTM(Module):
                     None if dstate[0] is None else dstate[0][s], None if dstate[1] is None else dstate[1][s])
                 d_in += dx_dir if d == 0 else self._reverse(dx_dir, rev)
             d_out = d_in
-        return d_out, (dh0, dc0)
+        return self._as_given(d_out), (dh0, dc0)
 
     def _backward_direction(self, k, d, cache, dy, step_mask, dh_n, dc_n):
         """BPTT through one layer and direction; returns (dx [T,B,D], dh0 [B,H], dc0 [B,H])."""

@@ -9,7 +9,8 @@ A run directory holds::
 A checkpoint is written into ``OUT/ckpt.tmp-XXXX/``, each file fsynced, then renamed to its
 final name in one ``os.replace``: a crash or a full disk mid-save leaves only a stray temporary
 folder, never a half-written checkpoint, and the previous checkpoints stay as they were.
-Loading checks the SHA-256 and reads the arrays with ``allow_pickle=False``.
+Loading checks the SHA-256 and reads the arrays with ``allow_pickle=False``; ``load_model``
+turns the newest good checkpoint back into the trained model and its vocabulary (``xlstm.load``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +34,11 @@ _NAME = re.compile(r"^ckpt-(\d+)$")
 
 
 class CheckpointError(InputError):
-    """A checkpoint is missing, corrupted, or from an incompatible config."""
+    """A checkpoint is missing, corrupted, or from an incompatible config. ``why``: the short reason."""
+
+    def __init__(self, message: str, why: str | None = None):
+        super().__init__(message)
+        self.why = why or message
 
 
 def _fsync_dir(path: str) -> None:
@@ -57,11 +63,22 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same folder and a rename.
+
+    The file gets the permissions of any other file the user creates (0666 less the umask), not
+    the temporary file's private 0600, so every file of a run reads the same.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -110,9 +127,7 @@ def save(run_dir: str, step: int, arrays: dict, meta: dict, keep: int = 3) -> st
             shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix="ckpt.tmp-", dir=run_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)       # mkdtemp's 0700 would hide the checkpoint from others
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 would hide the checkpoint from others
         apath = os.path.join(tmp, ARRAYS)
         with open(apath, "wb") as f:
             np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
@@ -157,7 +172,8 @@ def _prune(run_dir: str, keep: int, protect: str) -> None:
 def _corrupt(path: str, why: str) -> CheckpointError:
     return CheckpointError(f"checkpoint file {path} is corrupted ({why}); it cannot be loaded. "
                            "Use an earlier checkpoint (another ckpt-* folder of the same run), "
-                           "or --resume the run folder to fall back to the newest good one")
+                           "or give the run folder to fall back to the newest good one",
+                           why=f"{os.path.basename(path)} is corrupted: {why}")
 
 
 def load(path: str) -> tuple[dict, dict]:
@@ -229,8 +245,44 @@ def load_latest(path: str, warn=print) -> tuple[str, dict, dict]:
         except CheckpointError as e:
             if single:
                 raise
-            errors.append(str(e))
-            warn(f"warning: skipping {c}: {e}")
+            errors.append(f"{os.path.basename(c)}: {e.why}")
+            warn(f"warning: skipping {c}: {e.why}")
             continue
         return c, arrays, meta
-    raise CheckpointError(f"no usable checkpoint in {path}: " + " | ".join(errors))
+    shown = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+    raise CheckpointError(f"no usable checkpoint in {path}: all {len(errors)} are damaged ({shown}); "
+                          "nothing of this run can be loaded: start a new run (another --out)")
+
+
+class Run(NamedTuple):
+    """A trained run, loaded: ``model`` (Embedding -> LSTM -> Dense, in eval mode), its
+    ``vocab`` (``vocab.encode(tokens)``, ``vocab.decode(ids)``, ``vocab.tokens``, ``vocab.level``:
+    "char" or "word"), ``meta`` (config, step, losses: the checkpoint's meta.json) and the
+    checkpoint ``folder`` it came from."""
+
+    model: object
+    vocab: object
+    meta: dict
+    folder: str
+
+
+def load_model(path: str, backend=None, warn=print) -> Run:
+    """The newest good checkpoint at ``path`` (a run folder or one ckpt-* folder) as a model on
+    ``backend`` (None: the current one), with its vocabulary; ``xlstm.load`` is this."""
+    from .. import backends
+    from . import data, model as lm
+
+    backend = backends.resolve(backend)        # an unusable --backend cupy is reported first
+    folder, arrays, meta = load_latest(path, warn=warn)
+    vocab = data.Vocab.from_json(meta.get("vocab"))
+    cfg = dict(lm.DEFAULTS)
+    cfg.update(meta.get("config") or {})
+    try:
+        model = lm.build_model(cfg, len(vocab), backend)
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+    except InputError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {folder} does not fit its own config "
+                              f"(incompatible or damaged): {e}") from None
+    return Run(model.eval(), vocab, meta, folder)

@@ -73,20 +73,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlstm", description="xlstm: an LSTM with explicit BPTT on NumPy or CuPy")
     parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, (module, help_) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = parser.commands[name] = sub.add_parser(name, help=help_, description=help_)
         importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def _unknown(sub: argparse.ArgumentParser, extra: list[str]):
+    """Exit 2 with the subcommand's usage, naming the unknown options and the closest known ones."""
+    import difflib
+
+    known = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for e in extra:
+        close = difflib.get_close_matches(e.split("=", 1)[0], known, n=1)
+        if close:
+            hints.append(f"{e.split('=', 1)[0]} (did you mean {close[0]}?)")
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; {', '.join(hints)}" if hints else ""))
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``xlstm trace | head``): stop quietly, as a shell tool does."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())       # Python's flush at exit must not fail again
+    return 141      # 128 + SIGPIPE
 
 
 def main(argv=None) -> int:
     from xlstm.errors import XlstmError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 2
+    if extra:
+        _unknown(parser.commands[args.command], extra)
     args.argv = list(sys.argv[1:] if argv is None else argv)     # `train --nproc` passes it on to torchrun
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
@@ -97,6 +124,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"xlstm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
 
 
 if __name__ == "__main__":

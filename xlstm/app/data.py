@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -19,6 +20,7 @@ import numpy as np
 from ..errors import InputError
 
 DEFAULT_MAX_CHARS = 1_000_000
+MIN_SOURCE_CHARS = 10_000       # a folder with less .py source than this is not a standard library
 LEVELS = ("char", "word")
 UNK = "<unk>"
 # words, runs of whitespace, single punctuation marks: "".join(tokens) gives the text back
@@ -36,6 +38,10 @@ def read_text(path: str, encoding: str = "utf-8", max_chars: int | None = None) 
             raw = f.read()
     except OSError as e:
         raise InputError(f"cannot read text file {path!r}: {e.strerror or e}") from None
+    if b"\0" in raw[:1 << 16] and not encoding.lower().replace("_", "-").startswith("utf-16") \
+            and not encoding.lower().replace("_", "-").startswith("utf-32"):
+        raise InputError(f"text file {path!r} looks like a binary file (it contains NUL bytes); "
+                         "give a text file to --text")
     try:
         text = raw.decode(encoding)
     except LookupError:
@@ -43,8 +49,8 @@ def read_text(path: str, encoding: str = "utf-8", max_chars: int | None = None) 
                          "e.g. utf-8 or latin-1") from None
     except UnicodeDecodeError as e:
         raise InputError(f"text file {path!r} is not valid {encoding}: byte {raw[e.start:e.start + 1]!r} "
-                         f"at offset {e.start} cannot be decoded ({e.reason}); pass its real encoding "
-                         "with --encoding (e.g. --encoding latin-1)") from None
+                         f"at offset {e.start} cannot be decoded ({e.reason}); if it is text in another "
+                         "encoding, name it with --encoding (e.g. cp1252 or latin-1 for Western European text)") from None
     if max_chars:
         text = text[:max_chars]
     if not text.strip():
@@ -53,11 +59,14 @@ def read_text(path: str, encoding: str = "utf-8", max_chars: int | None = None) 
 
 
 def default_corpus(max_chars: int = DEFAULT_MAX_CHARS) -> tuple[str, str]:
-    """(text, description): the standard library's top-level .py sources, sorted, capped at ``max_chars``.
+    """(text, description): the standard library's top-level .py sources, sorted, the first
+    ``max_chars`` characters.
 
     Every CPython installation has them, so the default run needs no download. Falls back to
-    xlstm's own source where a stripped-down Python ships without .py files.
+    xlstm's own source where a stripped-down Python ships without (enough) .py files.
     """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise InputError(f"--max-chars must be a positive integer, got {max_chars!r}")
     for where in (sysconfig.get_paths().get("stdlib") or "", os.path.dirname(os.__file__),
                   os.path.dirname(os.path.abspath(__file__))):
         files = sorted(f for f in glob.glob(os.path.join(where, "*.py"))
@@ -71,11 +80,12 @@ def default_corpus(max_chars: int = DEFAULT_MAX_CHARS) -> tuple[str, str]:
                 continue            # an odd file must not stop the default run
             parts.append(s)
             n += len(s)
-            if n >= max_chars:
+            if n >= max(max_chars, MIN_SOURCE_CHARS):
                 break
-        text = "".join(parts)[:max_chars]
-        if len(text) >= 10_000:
-            return text, f"Python source in {where} ({len(parts)} files, {len(text):,} characters)"
+        if n >= MIN_SOURCE_CHARS:   # a real source folder (the cut to max_chars comes after)
+            text = "".join(parts)[:max_chars]
+            used = next(i + 1 for i, c in enumerate(itertools.accumulate(map(len, parts))) if c >= len(text))
+            return text, f"Python source in {where} ({used} files, {len(text):,} characters)"
     raise InputError("no default corpus: this Python installation has no standard-library .py sources; "
                      "pass a text file with --text FILE")
 

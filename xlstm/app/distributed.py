@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Protocol
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class DistributedError(XlstmError, RuntimeError):
 def add_arguments(g) -> None:
     g.add_argument("--nproc", type=int, metavar="N",
                    help="train data-parallel on N processes on this machine (starts torchrun; needs torch: "
-                        "pip install 'xlstm[distributed]'); --batch must be a multiple of N")
+                        "pip install 'xlstm-bptt[distributed]'); --batch must be a multiple of N")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help="distributed runs: stop when another process has not answered for S seconds "
                         f"(default {DEFAULT_TIMEOUT_S:g})")
@@ -65,7 +66,7 @@ def _need_torch(what: str):
         import torch
         import torch.distributed as dist
     except ImportError as e:
-        raise InputError(f"{what} needs PyTorch ({e}); install it with pip install 'xlstm[distributed]' "
+        raise InputError(f"{what} needs PyTorch ({e}); install it with pip install 'xlstm-bptt[distributed]' "
                          "(or train on one process without --nproc/torchrun)") from None
     if not dist.is_available():
         raise InputError(f"{what} needs torch.distributed, which this PyTorch build lacks; "
@@ -94,15 +95,43 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """``xlstm train --nproc N``: run torchrun (torch.distributed.run) with N local workers, on 127.0.0.1."""
+def check_timeout(timeout_s) -> None:
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
+
+
+def check_launch(nproc, timeout_s=DEFAULT_TIMEOUT_S) -> None:
+    """Refuse a bad --nproc or --dist-timeout, or a missing torch, before anything starts."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise InputError(f"--nproc must be a positive integer, got {nproc!r}")
+    check_timeout(timeout_s)
     _need_torch("--nproc")
+
+
+def _quiet_torchrun() -> None:
+    """torchrun's own log lines (its OMP_NUM_THREADS banner, a failed worker's exit code, the
+    signals it forwards) would repeat what the workers and ``launch`` say in one line each."""
+    import logging
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun's default for its workers, without the banner
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``xlstm train --nproc N``: run torchrun (torch.distributed.run) with N local workers, on 127.0.0.1.
+
+    Ctrl-C or SIGTERM reaching this process is passed on to the workers by torchrun; each
+    finishes its step, process 0 saves, and this returns 130 or 143.
+    """
+    check_launch(nproc)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    _quiet_torchrun()
     cmd = ["--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "xlstm", *strip_nproc(argv)]
     try:
@@ -113,7 +142,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         rank, failure = e.get_first_failure()
         ec = failure.exitcode
         code = ec if isinstance(ec, int) and ec > 0 else 1
-        if code != 130:         # 130: interrupted and saved, the worker said so
+        if code not in (130, 143):      # interrupted (Ctrl-C, SIGTERM) and saved: the worker said so
             how = (f"was killed by signal {signal.Signals(-ec).name}" if isinstance(ec, int) and ec < 0
                    and -ec in signal.valid_signals() else f"ended with exit code {ec} (its message is above)")
             print(f"xlstm train: error: process {rank} of {nproc} {how}; torchrun stopped the others",
@@ -127,13 +156,12 @@ def setup(backend_name, timeout_s: float):
     """(backend, process group) of this run: ``Single()`` unless torchrun started this process."""
     from .. import backends
 
-    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-        raise InputError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
+    check_timeout(timeout_s)
     if not launched():
         return backends.resolve(backend_name), Single()
-    if (backend_name or os.environ.get("XLSTM_BACKEND") or "auto") != "numpy":
+    if (backend_name or backends.default_name()) != "numpy":
         backends.use_cuda_device(int(os.environ.get("LOCAL_RANK", "0")))    # before the backend probes a GPU
-    backend = backends.resolve(backend_name)
+    backend = backends.resolve(backend_name, announce=os.environ.get("RANK") == "0")
     return backend, TorchGroup(backend, timeout_s)
 
 
@@ -160,6 +188,43 @@ def check_same(digests: list[str], step: int) -> None:
         which = ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests))
         raise DistributedError(f"the parameters differ between the processes at step {step} ({which}); "
                                "data-parallel training must keep them bitwise identical; please report this")
+
+
+class ProcessGroup(Protocol):
+    """What a training run needs from its processes: ``Single`` (one process, no torch) and
+    ``TorchGroup`` (one of W processes of torch.distributed) provide it."""
+
+    rank: int           # this process, 0 <= rank < world
+    world: int          # number of processes
+    main: bool          # rank 0: prints, writes metrics and checkpoints
+    name: str | None    # the communication backend ("gloo", "nccl") or None
+
+    def attach(self, model) -> None:
+        """Prepare the model's gradients for ``allreduce_grads`` (once, after the model is built)."""
+
+    def allreduce_grads(self) -> None:
+        """Every gradient := its mean over the processes, in place."""
+
+    def sum(self, values) -> list[float]:
+        """Elementwise sum of a list of floats over the processes."""
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is True in any process."""
+
+    def broadcast(self, obj):
+        """Process 0's ``obj`` (small, picklable) in every process."""
+
+    def gather_streams(self, a, backend) -> np.ndarray:
+        """This process's streams of ``a`` (axis 1) joined with every other's, as NumPy."""
+
+    def draw_masks(self, lstm, T: int, B: int):
+        """The dropout/zoneout masks of this process's streams of the global batch B (None: the LSTM draws them)."""
+
+    def check_same_params(self, model, step: int) -> None:
+        """Raise DistributedError when the processes' parameters differ."""
+
+    def close(self) -> None:
+        """Leave the group (the run is over)."""
 
 
 class Single:
@@ -219,7 +284,8 @@ class TorchGroup:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
         self._flat, self._tensors = None, []
-        # torchrun stops the other workers with SIGTERM when one fails: say so instead of vanishing
+        # torchrun stops the other workers with SIGTERM when one fails or it is stopped itself: say so
+        # instead of vanishing (inside the training loop the trainer finishes the step and saves)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
@@ -289,7 +355,7 @@ class TorchGroup:
         sl = shard(B, self.rank, self.world)
         xp = lstm.xp
         return {kd: tuple(None if m is None else xp.ascontiguousarray(m[:, sl]) for m in ms)
-                for kd, ms in lstm._draw_masks(T, B).items()}
+                for kd, ms in lstm.draw_masks(T, B).items()}
 
     def check_same_params(self, model, step) -> None:
         digests = [None] * self.world

@@ -42,17 +42,21 @@ def _warn(s):
     print(s, file=sys.stderr)
 
 
-def generate(model, vocab, prime: str, length: int, temperature: float = 0.8, top_k: int | None = None,
-             seed=None) -> str:
-    """``prime`` followed by ``length`` sampled tokens; the same seed gives the same text."""
-    from .data import tokenize
-
+def check_sampling(length: int, temperature: float, top_k: int | None) -> None:
     if length < 0:
         raise InputError(f"--length must be 0 or positive, got {length}")
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise InputError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k is not None and top_k < 1:
         raise InputError(f"--top-k must be a positive integer, got {top_k}")
+
+
+def generate(model, vocab, prime: str, length: int, temperature: float = 0.8, top_k: int | None = None,
+             seed=None) -> str:
+    """``prime`` followed by ``length`` sampled tokens; the same seed gives the same text."""
+    from .data import tokenize
+
+    check_sampling(length, temperature, top_k)
     if not prime:
         prime = "\n" if "\n" in vocab.index else vocab.tokens[0]
     ids = vocab.encode(tokenize(prime, vocab.level), strict=vocab.level == "char")
@@ -78,9 +82,8 @@ def generate(model, vocab, prime: str, length: int, temperature: float = 0.8, to
 
 
 def _sample(args) -> int:
-    from .train import load_model
-
-    model, vocab, meta, folder = load_model(args.checkpoint, backend=args.backend, warn=_warn)
+    check_sampling(args.length, args.temperature, args.top_k)      # before the checkpoint is read
+    model, vocab, meta, folder = checkpoint.load_model(args.checkpoint, backend=args.backend, warn=_warn)
     val = meta.get("val_loss")
     _warn(f"xlstm sample: {folder} (step {meta.get('step')}"
           + (f", val loss {val:.4f} nats)" if isinstance(val, (int, float)) else ")"))
@@ -89,35 +92,57 @@ def _sample(args) -> int:
     return 0
 
 
+def torch_loader(path: str, full: bool) -> list[str]:
+    """Python lines that load an ``xlstm export --to torch`` file into torch modules."""
+    lines = ["import torch",
+             f"ckpt = torch.load({path!r})",
+             "lstm = torch.nn.LSTM(**ckpt['lstm_args'])",
+             "lstm.load_state_dict(ckpt['lstm'])"]
+    if full:
+        lines += ["embedding = torch.nn.Embedding(*ckpt['embedding']['weight'].shape)",
+                  "embedding.load_state_dict(ckpt['embedding'])",
+                  "decoder = torch.nn.Linear(ckpt['decoder']['weight'].shape[1], ckpt['decoder']['weight'].shape[0])",
+                  "decoder.load_state_dict(ckpt['decoder'])"]
+    lines.append("tokens = ckpt['vocab']['tokens']    # token id -> text")
+    return lines
+
+
 def _export(args) -> int:
     from ..interop import to_torch_state_dict
-    from .train import load_model
 
     if importlib.util.find_spec("torch") is None:
-        raise InputError("export --to torch needs PyTorch, which is not installed; pip install torch")
+        raise InputError("export --to torch needs PyTorch, which is not installed; pip install torch "
+                         "(or the torch extra: pip install -e \".[torch]\")")
     import torch
 
-    model, vocab, meta, folder = load_model(args.checkpoint, backend="numpy", warn=_warn)
+    model, vocab, meta, folder = checkpoint.load_model(args.checkpoint, backend="numpy", warn=_warn)
     lstm = model[1]
     if lstm.layer_norm:
         raise InputError(f"export --to torch: {folder} was trained with --layer-norm, and torch.nn.LSTM has no "
                          "layer norm; only models trained without --layer-norm can be exported to torch")
-    sd = to_torch_state_dict(lstm)
+    def tensors(d):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
+
+    # module name -> its state dict, the constructor arguments of the LSTM, and the vocabulary
+    # (token id -> text: vocab["tokens"][id]); only tensors, dicts, lists and strings, so
+    # torch.load's default weights_only=True reads it
+    out_obj = {"format": "xlstm-torch-export", "version": 1,
+               "lstm_args": {"input_size": lstm.input_size, "hidden_size": lstm.hidden_size,
+                             "num_layers": lstm.num_layers},
+               "lstm": tensors(to_torch_state_dict(lstm)),
+               "vocab": vocab.to_json()}
     if args.full:
-        emb, dense = model[0], model[2]
-        sd = {**{"lstm." + k: v for k, v in sd.items()},
-              "embedding.weight": emb.state_dict()["E"],
-              "decoder.weight": dense.state_dict()["W"].T.copy(),     # torch Linear is [out, in]
-              "decoder.bias": dense.state_dict()["b"]}
+        dense = model[2].state_dict()
+        out_obj["embedding"] = tensors({"weight": model[0].state_dict()["E"]})
+        out_obj["decoder"] = tensors({"weight": dense["W"].T.copy(), "bias": dense["b"]})   # torch Linear is [out, in]
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(folder)), "lstm-torch.pt")
     buf = io.BytesIO()
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, buf)
+    torch.save(out_obj, buf)
     try:
         checkpoint.write_atomic(out, buf.getvalue())
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror or e}; choose another --output") from None
-    print(f"wrote {out} ({len(sd)} tensors) from {folder}")
-    print(f"  load it with: lstm = torch.nn.LSTM({lstm.input_size}, {lstm.hidden_size}, "
-          f"num_layers={lstm.num_layers}); lstm.load_state_dict(torch.load({out!r})"
-          + ("[...] (keys under 'lstm.')" if args.full else "") + ")")
+    n = sum(len(v) for k, v in out_obj.items() if k in ("lstm", "embedding", "decoder"))
+    print(f"wrote {out} ({n} tensors and the vocabulary of {len(vocab)} tokens) from {folder}")
+    print("  load it with:\n" + "\n".join("    " + line for line in torch_loader(out, args.full)))
     return 0

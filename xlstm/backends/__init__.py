@@ -12,6 +12,7 @@ with the reason; it never computes silently on the CPU.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -56,11 +57,20 @@ def use_cuda_device(index: int) -> None:
     cupy_backend.use_device(index)
 
 
-def resolve(name: str | Backend | None = None) -> Backend:
-    """The backend object for a name ('numpy', 'cupy', 'auto'), a Backend, or None (the current one)."""
+def default_name() -> str:
+    """The backend name the environment asks for: ``$XLSTM_BACKEND``, else 'auto'."""
+    return os.environ.get("XLSTM_BACKEND", "auto") or "auto"
+
+
+def resolve(name: str | Backend | None = None, announce: bool = True) -> Backend:
+    """The backend object for a name ('numpy', 'cupy', 'auto'), a Backend, or None (the current one).
+
+    'auto' says on stderr, once, when it falls back to NumPy although CuPy is installed (a GPU
+    package that cannot run is worth knowing about); ``announce=False`` keeps it quiet.
+    """
     global _auto_announced
     if name is None:
-        return get_backend()
+        return get_backend(announce)
     if isinstance(name, Backend):
         return name
     if not isinstance(name, str) or name.lower() not in NAMES:
@@ -72,18 +82,17 @@ def resolve(name: str | Backend | None = None) -> Backend:
         return _cupy_backend()
     reason = cupy_unavailable_reason()
     chosen = resolve("numpy") if reason else _cupy_backend()
-    if not _auto_announced:
+    if reason and announce and not _auto_announced and importlib.util.find_spec("cupy") is not None:
         _auto_announced = True
-        why = f" (cupy unavailable: {reason})" if reason else ""
-        print(f"xlstm: backend 'auto' chose '{chosen.name}'{why}", file=sys.stderr)
+        print(f"xlstm: backend 'auto' chose 'numpy': cupy is installed but cannot run ({reason})", file=sys.stderr)
     return chosen
 
 
-def get_backend() -> Backend:
+def get_backend(announce: bool = True) -> Backend:
     """The current backend (from set_backend, use_backend, or XLSTM_BACKEND; default 'auto')."""
     global _current
     if _current is None:
-        _current = resolve(os.environ.get("XLSTM_BACKEND", "auto") or "auto")
+        _current = resolve(default_name(), announce)
     return _current
 
 

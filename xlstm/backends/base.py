@@ -30,6 +30,7 @@ class Backend:
     xp = None
     op_names: frozenset = frozenset()   # the ops this backend implements (set by ``ops.install``)
     force_eager = False            # True inside ``eager()``
+    pending = None                 # the active ``deferred()`` queue: input checks of device arrays wait there
 
     @contextlib.contextmanager
     def eager(self):
@@ -58,6 +59,11 @@ class Backend:
         place, buffers are reused) must ask for ``copy=True``. From a device it is always a copy.
         """
         raise NotImplementedError
+
+    def deferred(self):
+        """A queue of device values and input checks read in one transfer (``backends/deferred.py``)."""
+        from .deferred import DeviceReads
+        return DeviceReads(self)
 
     def synchronize(self) -> None:
         """Wait until all queued device work has finished (no-op on the CPU)."""

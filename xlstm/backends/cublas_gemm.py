@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-INSTALL_HINT = ("install nvmath-python (`pip install 'xlstm[cuda13]'` or 'xlstm[cuda12]', "
+INSTALL_HINT = ("install nvmath-python (`pip install 'xlstm-bptt[cuda13]'` or 'xlstm-bptt[cuda12]', "
                 "or `pip install nvmath-python`)")
 
 

@@ -87,7 +87,7 @@ def unavailable_reason() -> str | None:
         import cupy
     except ImportError as e:
         return (f"cupy is not installed ({e}); install it with "
-                "`pip install 'xlstm[cuda12]'` or `pip install 'xlstm[cuda13]'` to match your CUDA driver")
+                "`pip install 'xlstm-bptt[cuda12]'` or `pip install 'xlstm-bptt[cuda13]'` to match your CUDA driver")
     except Exception as e:  # a broken install raises other errors on import
         return f"cupy failed to import ({type(e).__name__}: {e}); reinstall the cupy wheel matching your CUDA"
     try:

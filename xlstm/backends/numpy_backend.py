@@ -35,5 +35,9 @@ class NumpyBackend(Backend):
     def to_numpy(self, a, copy: bool = False):
         return np.array(self.asarray(a)) if copy else self.asarray(a)
 
+    def deferred(self):
+        from .deferred import HostReads
+        return HostReads(self)
+
 
 ops.install(NumpyBackend, "numpy")

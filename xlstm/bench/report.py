@@ -161,7 +161,7 @@ def plot_results(result: dict, path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'xlstm[plot]')"
+        return "matplotlib is not installed (pip install 'xlstm-bptt[plot]')"
     fig = figure(result)
     if fig is None:
         return "no timed cells"
