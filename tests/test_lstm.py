@@ -210,3 +210,14 @@ def test_integer_input_is_converted_but_float_precision_is_not_silently_changed(
     m = _model()
     y, _ = m.forward(np.ones((2, 1, 3), np.int64))
     assert y.dtype == np.float32
+
+
+def test_release_cache_frees_the_activations_and_backward_then_asks_for_a_forward():
+    m = _model()
+    x = np.ones((4, 2, 3), np.float32)
+    y, _ = m.forward(x)
+    m.release_cache()
+    with pytest.raises(StateError, match="before forward"):
+        m.backward(np.ones_like(y))
+    y, _ = m.forward(x)
+    m.backward(np.ones_like(y))         # a new forward makes backward possible again

@@ -229,6 +229,10 @@ class LSTM(Module):
 
     __call__ = forward
 
+    def release_cache(self) -> None:
+        """Drop what the last ``forward`` kept for ``backward`` (its activations), freeing them now."""
+        self._cache = None
+
     def _check_traceable(self):
         if self.precision != "float32":
             raise InputError(f"trace checks the fast path against the float32 reference cell, so it needs "

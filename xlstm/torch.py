@@ -28,8 +28,8 @@ b = bias_ih + bias_hh [4H] is computed per call). CUDA: CuPy views through DLPac
 queued on torch's current stream (no race, no host sync); W and U are copied to contiguous
 [D,4H], [H,4H] once per call, as the fused kernels need. Masks are drawn from torch's RNG before
 the call (``torch.manual_seed`` reproduces a run) and the backward uses the forward's. Double
-backward is refused, and so is a second backward through one forward (retain_graph): xlstm
-keeps one set of activations per call.
+backward is refused. The activations are freed by the backward (as torch frees saved tensors);
+a second backward through one graph (retain_graph=True) reruns the forward with the same masks.
 """
 from __future__ import annotations
 
@@ -156,14 +156,17 @@ class _Call:
     def __init__(self, m, bridge, dtype, lengths, masks, drops):
         self.m, self.bridge, self.lengths = m, bridge, lengths
         self.masks, self.drops = masks, drops
-        self.pool = m._pool
+        self.pool, self.dtype = m._pool, dtype
         self.key, self.stack = self.pool.take(m, bridge, dtype)
 
     def __del__(self):                      # a call dropped without backward still returns its stack
         self.release()
 
     def release(self):
+        """Free the activations and hand the stack back for the next call."""
         if self.stack is not None:
+            for core in self.stack:
+                core.release_cache()
             self.pool.give(self.key, self.stack)
             self.stack = None
 
@@ -225,8 +228,12 @@ class _Call:
             return out, hs[0], cs[0]
         return out, torch.cat(hs), torch.cat(cs)
 
-    def backward(self, dy, dhn, dcn, weights, want_state):
+    def backward(self, dy, dhn, dcn, x, h0, c0, weights):
+        """BPTT of the forward; a second backward (retain_graph) first reruns it with the same masks."""
         br, dirs, L = self.bridge, self.m._dirs, self.m.num_layers
+        if self.stack is None:
+            self.key, self.stack = self.pool.take(self.m, br, self.dtype)
+            self.forward(x, h0, c0, weights)
         groups = self._groups(weights)
         grads = [None] * len(groups)
         dh0, dc0 = [None] * L, [None] * L
@@ -243,10 +250,11 @@ class _Call:
                     dx *= self.drops[k - 1]
                 dh0[k], dc0[k] = br.from_xp(dh), br.from_xp(dc)
                 d = dx
+                core.grads.clear()              # so autograd may take the gradient tensors without copying
             dx = br.from_xp(d)
         self.release()
         flat = [g.clone() if i and g is group[i - 1] else g for group in grads for i, g in enumerate(group)]
-        if not want_state:
+        if h0 is None:
             return dx, None, None, flat
         if L == 1:
             return dx, dh0[0], dc0[0], flat
@@ -261,8 +269,9 @@ class _StackFunction(torch.autograd.Function):
         y, hn, cn = call.forward(x, h0, c0, weights)
         if any(ctx.needs_input_grad):
             ctx.call = call
-            ctx.has_state = h0 is not None
-            ctx.save_for_backward(*weights)     # torch then refuses weights changed in place before backward
+            # torch then refuses weights changed in place before backward; x and the state are
+            # what a second backward (retain_graph) reruns the forward on
+            ctx.save_for_backward(x, h0, c0, *weights)
         else:
             call.release()
         return y, hn, cn
@@ -273,14 +282,8 @@ class _StackFunction(torch.autograd.Function):
             raise RuntimeError("xlstm.torch.LSTM does not support double backward (create_graph=True, "
                                "gradients of gradients): its BPTT is hand-written code, not torch operations; "
                                "use torch.nn.LSTM for higher-order gradients")
-        weights = ctx.saved_tensors
-        call = getattr(ctx, "call", None)
-        if call is None or call.stack is None:
-            raise RuntimeError("backward ran twice through one xlstm.torch.LSTM forward (retain_graph=True): "
-                               "xlstm keeps one set of activations per call and the first backward used them; "
-                               "run the forward again for a second backward")
-        ctx.call = None
-        dx, dh0, dc0, dw = call.backward(dy, dhn, dcn, weights, ctx.has_state)
+        x, h0, c0, *weights = ctx.saved_tensors
+        dx, dh0, dc0, dw = ctx.call.backward(dy, dhn, dcn, x, h0, c0, weights)
         return (None, dx, dh0, dc0, *dw)
 
 
