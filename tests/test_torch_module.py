@@ -3,6 +3,7 @@
 Checked against independent references: torch's finite differences (gradcheck, float64) and
 torch.nn.LSTM (its own kernels and autograd) with the same weights.
 """
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import xlstm
 from xlstm.errors import InputError
 from xlstm.gradcheck import scaled_error
+from support.cli import xlstm as xlstm_cli
 
 torch = pytest.importorskip("torch", reason="torch is not installed; xlstm.torch needs it (pip install 'xlstm[torch]')")
 import xlstm.torch as xt  # noqa: E402
@@ -455,6 +457,17 @@ def test_bad_construction(kw, match):
         xt.LSTM(3, 4, **kw)
 
 
+def test_bench_torch_module_checks_then_times_both(tmp_path):
+    r = xlstm_cli("bench", "--torch-module", "--hidden", "8,16", "--seq-len", "5", "--batch", "3", "--repeat", "2",
+                  "--rounds", "1", "--settle", "0", "--out", tmp_path, "--name", "tm", check=0)
+    assert "xlstm.torch ms" in r.stdout and "nn.LSTM ms" in r.stdout
+    rows = json.load(open(tmp_path / "tm.json"))["rows"]
+    assert [(row["H"], row["T"], row["B"]) for row in rows] == [(8, 5, 3), (16, 5, 3)]
+    for row in rows:
+        assert row["max_error"] <= 1e-5 and row["device"] == "cpu"
+        assert row["xlstm.torch_ms"] > 0 and row["nn.LSTM_ms"] > 0 and row["xlstm.LSTM_ms"] > 0
+
+
 # -- CUDA: the same parity on CUDA tensors, on a non-default torch stream ----------------------
 def _cuda_or_skip():
     if not torch.cuda.is_available():
@@ -512,3 +525,18 @@ def test_cuda_training_step_matches_cpu():
     assert scaled_error(yc.detach().numpy(), y.detach().numpy()) <= 1e-12
     for n, p in m.named_parameters():
         assert scaled_error(grads[n].numpy(), p.grad.numpy()) <= 1e-12, n
+
+
+def test_backward_frees_the_activations(monkeypatch):
+    """Like torch's saved tensors, the cores' activations go at the backward, not with the graph."""
+    freed = []
+    orig = xlstm.LSTM.release_cache
+    monkeypatch.setattr(xlstm.LSTM, "release_cache", lambda self: (freed.append(self), orig(self)))
+    m = _module(3, 4, num_layers=2)
+    y, _ = m(torch.randn(5, 2, 3, dtype=F64, requires_grad=True))
+    assert freed == []                             # kept for the backward
+    y.sum().backward()
+    assert len(freed) == 2                         # one core per layer
+    with torch.no_grad():
+        m(torch.randn(5, 2, 3, dtype=F64))
+    assert len(freed) == 4                         # nothing to keep without a graph

@@ -1073,6 +1073,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--torch-module", action="store_true",
+                        help="time a training step of xlstm.torch.LSTM beside torch.nn.LSTM (xlstm/bench/torch_module.py)")
     parser.add_argument("--layer-norm", action="store_true",
                         help="the LayerNorm LSTM cell (torch has none: not timed; results checked against "
                              "the NumPy backend in float64)")
@@ -1151,6 +1153,9 @@ def _apply_threads(n, torch):
 def run(args) -> int:
     if args.load:
         return _run_load(args)
+    if args.torch_module:
+        from .torch_module import run as run_torch_module
+        return run_torch_module(args, time_interleaved)
     if getattr(args, "precision", "float32") != "float32" and args.dtype != "float32":
         raise InputError(f"--precision {args.precision} rounds float32 GEMM operands, so it needs --dtype float32 "
                          f"(got --dtype {args.dtype})")
