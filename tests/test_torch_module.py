@@ -335,7 +335,7 @@ def test_manual_seed_reproduces_masks_and_gradients():
 
 
 def test_activations_are_not_copied_between_torch_and_numpy(monkeypatch):
-    """The input, output, states, dy and dx the core sees are the tensors' own memory."""
+    """The input, output, states, dy, dx and weight gradients the core sees are the tensors' own memory."""
     seen = {}
     fwd, bwd = xlstm.LSTM.forward, xlstm.LSTM.backward
 
@@ -349,7 +349,7 @@ def test_activations_are_not_copied_between_torch_and_numpy(monkeypatch):
 
     def spy_backward(self, dy, dstate=None, **kw):
         dx, (dh0, dc0) = bwd(self, dy, dstate, **kw)
-        seen.update(dy=ptr(dy), dx=ptr(dx), dh0=ptr(dh0))
+        seen.update(dy=ptr(dy), dx=ptr(dx), dh0=ptr(dh0), dW=ptr(self.grads["l0.W"]), dU=ptr(self.grads["l0.U"]))
         return dx, (dh0, dc0)
 
     monkeypatch.setattr(xlstm.LSTM, "forward", spy_forward)
@@ -367,6 +367,8 @@ def test_activations_are_not_copied_between_torch_and_numpy(monkeypatch):
     assert seen["y"] == y.data_ptr() and seen["h_n"] == h.data_ptr()
     assert seen["dy"] == dy.data_ptr()
     assert seen["dx"] == got["dx"] and seen["dh0"] == got["dh0"]
+    # the weight gradients xlstm accumulated become .grad as they are
+    assert seen["dW"] == m.weight_ih_l0.grad.data_ptr() and seen["dU"] == m.weight_hh_l0.grad.data_ptr()
 
 
 def test_non_contiguous_input_is_handled():
