@@ -542,3 +542,57 @@ def test_backward_frees_the_activations(monkeypatch):
     with torch.no_grad():
         m(torch.randn(5, 2, 3, dtype=F64))
     assert len(freed) == 4                         # nothing to keep without a graph
+
+
+# -- the CuPy side of the bridge, on the stand-in cupy (host-built kernels, no GPU) ------------
+def _standin_bridge(fake):
+    """xlstm.torch's CUDA bridge with the stand-in cupy's arrays (views of the CPU tensors) in
+    place of DLPack views and streams: what runs is the wrapper's CuPy-backend path (contiguous
+    W and U copies, gradient layouts, unread checks) on xlstm's CupyBackend."""
+    Dev = type(fake.module.zeros(1))
+
+    class Standin(xt._Cuda):
+        def __init__(self, device):
+            self.device = device
+
+        def context(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def to_xp(self, t):
+            return t.detach().numpy().view(Dev)
+
+        @staticmethod
+        def from_xp(a):
+            return torch.from_numpy(a.view(np.ndarray))
+
+    return Standin
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=2, bidirectional=True),
+                                dict(layer_norm=True, zoneout=0.3, recurrent_dropout=0.2, num_layers=2, dropout=0.3)],
+                         ids=["plain", "layer_norm-masks"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_cupy_backend_path_matches_numpy_and_never_syncs(kw, graphs, host_lib, monkeypatch):
+    from support.standin import install_fakes
+
+    m = _module(3, 4, **kw)
+    x = torch.randn(6, 2, 3, dtype=F64)
+    S = (m.num_layers * m._dirs, 2, 4)
+    hx = (torch.randn(S, dtype=F64), torch.randn(S, dtype=F64))
+    g = [torch.randn(6, 2, 4 * m._dirs, dtype=F64), torch.randn(S, dtype=F64), torch.randn(S, dtype=F64)]
+    torch.manual_seed(2)
+    want = _outputs_and_grads(m, x, hx, g)                       # NumPy backend
+    fake = install_fakes(host_lib, monkeypatch, nvmath=graphs, counting=True)
+    monkeypatch.setattr(xt, "_bridge", _standin_bridge(fake))
+    torch.manual_seed(2)                                           # the same masks
+    fake.counts.reset()
+    got = _outputs_and_grads(m, x, hx, g)                         # CupyBackend on the stand-in
+    assert fake.counts.total_syncs() == 0, dict(fake.counts.sync_sites)
+    assert fake.counts.total_ops() > 0                            # it did run on the "device"
+    assert xlstm.backends._cupy_backend().graphs_active() == graphs
+    errs = {k: scaled_error(got[k].detach().numpy(), want[k].detach().numpy()) for k in want}
+    assert max(errs.values()) <= 1e-12, errs
+    xbad = x.clone()
+    xbad[1, 0, 2] = float("nan")                                  # unread on the device: NaN flows
+    assert torch.isnan(m(xbad)[0]).any()

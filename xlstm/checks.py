@@ -104,10 +104,13 @@ def check_range(backend, a, name: str, lo: int, hi: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def deferred():
+def deferred(read: bool = True):
     """Within: device-array checks queue their flags (see ``require``); ``flush()`` reads them.
 
-    Leaving the block normally flushes. Nested blocks share the outer queue.
+    Leaving the block normally flushes; with ``read=False`` the outermost block drops the queued
+    flags unread instead (a caller that must never wait on the device, such as ``xlstm.torch``
+    on torch's stream, where NaN and Inf then propagate as in torch). Nested blocks share the
+    outer queue.
     """
     global _pending
     outer = _pending
@@ -115,7 +118,7 @@ def deferred():
         _pending = []
     try:
         yield
-        if outer is None:
+        if outer is None and read:
             flush()
     finally:
         if outer is None:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends
+from . import backends, checks
 from .errors import InputError
 from .lstm import LSTM as _Core
 
@@ -135,7 +135,7 @@ class _Pool:
         self.free: dict = {}
 
     def take(self, m, bridge, dtype):
-        key = (str(bridge.device), dtype)
+        key = (bridge.backend, str(bridge.device), dtype)
         idle = self.free.get(key)
         if idle:
             return key, idle.pop()
@@ -157,7 +157,7 @@ class _Call:
         self.m, self.bridge, self.lengths = m, bridge, lengths
         self.masks, self.drops = masks, drops
         self.pool, self.dtype = m._pool, dtype
-        self.key, self.stack = self.pool.take(m, bridge, dtype)
+        self.key = self.stack = None
 
     def __del__(self):                      # a call dropped without backward still returns its stack
         self.release()
@@ -206,10 +206,20 @@ class _Call:
                 out += [g, g]                  # b = bias_ih + bias_hh: both get db (cloned once filled)
         return out
 
+    def _on_device(self):
+        """The bridge's device context; on CuPy the input checks' flags are left unread, so the
+        call never waits on the device."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.bridge.context())
+        if self.bridge.backend == "cupy":
+            stack.enter_context(checks.deferred(read=False))
+        return stack
+
     def forward(self, x, h0, c0, weights):
         br, dirs = self.bridge, self.m._dirs
         groups = self._groups(weights)
-        with br.context():
+        with self._on_device():
+            self.key, self.stack = self.pool.take(self.m, br, self.dtype)
             inp = br.to_xp(x)
             h0x = None if h0 is None else br.to_xp(h0)
             c0x = None if c0 is None else br.to_xp(c0)
@@ -232,12 +242,11 @@ class _Call:
         """BPTT of the forward; a second backward (retain_graph) first reruns it with the same masks."""
         br, dirs, L = self.bridge, self.m._dirs, self.m.num_layers
         if self.stack is None:
-            self.key, self.stack = self.pool.take(self.m, br, self.dtype)
             self.forward(x, h0, c0, weights)
         groups = self._groups(weights)
         grads = [None] * len(groups)
         dh0, dc0 = [None] * L, [None] * L
-        with br.context():
+        with self._on_device():
             d = br.to_xp(dy.contiguous())
             dhx, dcx = br.to_xp(dhn.contiguous()), br.to_xp(dcn.contiguous())
             for k in reversed(range(L)):
