@@ -136,7 +136,7 @@ def _twin(ref, **extra):
     """xlstm.torch.LSTM with ref's architecture and (load_state_dict) weights."""
     m = xt.LSTM(ref.input_size, ref.hidden_size, num_layers=ref.num_layers, bias=ref.bias,
                 batch_first=ref.batch_first, dropout=ref.dropout, bidirectional=ref.bidirectional,
-                dtype=ref.weight_ih_l0.dtype, **extra)
+                dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device, **extra)
     m.load_state_dict(ref.state_dict())
     return m
 
@@ -471,17 +471,21 @@ def test_bench_torch_module_checks_then_times_both(tmp_path):
 
 
 # -- CUDA: the same parity on CUDA tensors, on a non-default torch stream ----------------------
-def _cuda_or_skip():
+@pytest.fixture
+def exact_cuda(monkeypatch):
+    """A CUDA device with torch's TF32 off (cuDNN's float32 RNN would otherwise round the GEMM
+    operands to TF32), or a skip."""
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device here")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)], ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_cuda_parity_with_nn_lstm_on_a_side_stream(kw, dtype, packed):
-    _cuda_or_skip()
+def test_cuda_parity_with_nn_lstm_on_a_side_stream(kw, dtype, packed, exact_cuda):
     ref = _trained_lstm(3, 5, dtype, **kw).cuda()
     m = _twin(ref)
     assert m.weight_ih_l0.is_cuda
@@ -507,10 +511,9 @@ def test_cuda_parity_with_nn_lstm_on_a_side_stream(kw, dtype, packed):
 
 
 @pytest.mark.gpu
-def test_cuda_training_step_matches_cpu():
+def test_cuda_training_step_matches_cpu(exact_cuda):
     """The CUDA path of the LayerNorm cell with zoneout (evaluation: the expectation, no random
     draw) gives the CPU path's output and gradients, on a side stream."""
-    _cuda_or_skip()
     kw = dict(layer_norm=True, num_layers=2, bidirectional=True, zoneout=0.3)
     m = _module(3, 4, **kw).eval()
     mc = _module(3, 4, **kw).eval().cuda()
@@ -519,6 +522,7 @@ def test_cuda_training_step_matches_cpu():
     y, _ = m(x)
     y.square().sum().backward()
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())   # mc's weights were copied on the default stream
     with torch.cuda.stream(side):
         yc, _ = mc(x.cuda())
         yc.square().sum().backward()
@@ -596,3 +600,21 @@ def test_cupy_backend_path_matches_numpy_and_never_syncs(kw, graphs, host_lib, m
     xbad = x.clone()
     xbad[1, 0, 2] = float("nan")                                  # unread on the device: NaN flows
     assert torch.isnan(m(xbad)[0]).any()
+
+
+@pytest.mark.gpu
+def test_cuda_step_issues_no_torch_sync(exact_cuda):
+    """torch's sync debug mode raises on any torch operation that waits for the device; the
+    CuPy side queues on torch's stream and leaves its input checks unread."""
+    m = xt.LSTM(8, 16, num_layers=2, zoneout=0.1, dropout=0.2, device="cuda")
+    x = torch.randn(10, 4, 8, device="cuda", requires_grad=True)
+    y, _ = m(x)                                      # first call: CuPy compiles its kernels
+    y.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, (h, c) = m(x)
+        (y.sum() + c.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad).all()
