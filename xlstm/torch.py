@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -47,6 +48,7 @@ from .lstm import LSTM as _Core
 __all__ = ["LSTM"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 # -- devices: torch tensors <-> the backend's arrays, sharing memory ---------------------------
@@ -75,9 +77,14 @@ class _Host:
         return w.detach().numpy().T
 
     @staticmethod
-    def weight_grad(w):
+    def zeros(shape, like):
+        """A zeroed tensor of ``like``'s dtype; NumPy's calloc'd pages, so no torch kernel (whose
+        spinning OpenMP threads would slow the BLAS calls that follow)."""
+        return torch.from_numpy(np.zeros(shape, _NUMPY[like.dtype]))
+
+    def weight_grad(self, w):
         """(gradient tensor shaped like w, the [D,4H] view of it that xlstm accumulates into)."""
-        g = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        g = self.zeros(w.shape, w)
         return g, g.numpy().T
 
 
@@ -112,8 +119,12 @@ class _Cuda:
     def weight(self, w):
         return self.to_xp(w.detach().t().contiguous())
 
+    @staticmethod
+    def zeros(shape, like):
+        return like.new_zeros(shape)
+
     def weight_grad(self, w):
-        g = torch.zeros(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device)
+        g = self.zeros((w.shape[1], w.shape[0]), w)
         return g.t(), self.to_xp(g)
 
 
@@ -185,7 +196,7 @@ class _Call:
         elif self.m.bias:
             core.params[p + "b"] = br.to_xp(w[2].detach() + w[3].detach())
         else:
-            core.params[p + "b"] = br.to_xp(w[0].new_zeros(w[0].shape[0]))
+            core.params[p + "b"] = br.to_xp(br.zeros(w[0].shape[0], w[0]))
 
     def _fresh_grads(self, core, d, w):
         """Zeroed gradient tensors for direction d's weights ``w``, which the core accumulates into."""
@@ -196,11 +207,11 @@ class _Call:
             out.append(g)
         if self.m.layer_norm:
             for name, t in zip(("ln_gain", "ln_shift", "ln_c_gain", "ln_c_shift"), w[2:]):
-                g = torch.zeros_like(t)
+                g = br.zeros(t.shape, t)
                 core.grads[p + name] = br.to_xp(g)
                 out.append(g)
         else:
-            g = w[0].new_zeros(w[0].shape[0])
+            g = br.zeros(w[0].shape[0], w[0])
             core.grads[p + "b"] = br.to_xp(g)
             if self.m.bias:
                 out += [g, g]                  # b = bias_ih + bias_hh: both get db (cloned once filled)
