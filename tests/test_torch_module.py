@@ -217,14 +217,17 @@ def test_unbatched_input_as_nn_lstm():
         assert scaled_error(a.detach().numpy(), b.detach().numpy()) <= 1e-12
 
 
-def test_packed_output_keeps_the_input_packing():
-    m = _module(3, 2)
-    x = torch.randn(5, 4, 3, dtype=F64)
-    p = pack_padded_sequence(x, torch.tensor([3, 5, 1, 4]), enforce_sorted=False)
-    y, _ = m(p)
-    assert torch.equal(y.batch_sizes, p.batch_sizes)
-    assert torch.equal(y.sorted_indices, p.sorted_indices) and torch.equal(y.unsorted_indices, p.unsorted_indices)
-    assert y.data.shape == (p.data.shape[0], 2)
+@pytest.mark.parametrize("lengths,enforce_sorted", [([3, 5, 1, 4], False), ([5, 4, 4, 1], True)])
+def test_packed_output_is_packed_as_nn_lstm_packs_it(lengths, enforce_sorted):
+    ref = _trained_lstm(3, 4, F64, bidirectional=True)
+    m = _twin(ref)
+    p = pack_padded_sequence(torch.randn(5, 4, 3, dtype=F64), torch.tensor(lengths), enforce_sorted=enforce_sorted)
+    (y, (h, _)), (yr, (hr, _)) = m(p), ref(p)
+    assert torch.equal(y.batch_sizes, yr.batch_sizes)
+    for a, b in ((y.sorted_indices, yr.sorted_indices), (y.unsorted_indices, yr.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert scaled_error(y.data.detach().numpy(), yr.data.detach().numpy()) <= 1e-12
+    assert scaled_error(h.detach().numpy(), hr.detach().numpy()) <= 1e-12
 
 
 # -- the LayerNorm cell and the masks are xlstm.LSTM's ----------------------------------------

@@ -509,6 +509,8 @@ def _repack(y, lengths, like: PackedSequence) -> PackedSequence:
     """The padded output y [T,B,*] (caller's batch order) packed as ``like`` is."""
     if like.sorted_indices is not None:
         y = y.index_select(1, like.sorted_indices)
-        lengths = lengths.index_select(0, like.sorted_indices.cpu())
+        # the lengths in that order are the lengths sorted (ties are equal values), so the
+        # indices need not come to the host
+        lengths = lengths.sort(descending=True).values
     data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
