@@ -206,6 +206,33 @@ def test_parity_eval_ignores_inter_layer_dropout():
     assert scaled_error(m(x)[0].detach().numpy(), ref(x)[0].detach().numpy()) <= 1e-12
 
 
+def test_inter_layer_dropout_is_nn_lstms():
+    """Training with dropout=p: layer 2 reads layer 1's output times a 0 or 1/(1-p) mask, as
+    nn.LSTM's; here composed from two one-layer nn.LSTMs and the mask from the same seed."""
+    p, T, B, H = 0.4, 5, 3, 4
+    ref = _trained_lstm(3, H, F64, num_layers=2, bidirectional=True)
+    m = xt.LSTM(3, H, num_layers=2, bidirectional=True, dropout=p, dtype=F64)
+    m.load_state_dict(ref.state_dict())
+    l0, l1 = nn.LSTM(3, H, bidirectional=True, dtype=F64), nn.LSTM(2 * H, H, bidirectional=True, dtype=F64)
+    sd = ref.state_dict()
+    l0.load_state_dict({k: v for k, v in sd.items() if "_l0" in k})
+    l1.load_state_dict({k.replace("_l1", "_l0"): v for k, v in sd.items() if "_l1" in k})
+    x = torch.randn(T, B, 3, dtype=F64, requires_grad=True)
+    torch.manual_seed(9)
+    y, _ = m.train()(x)
+    torch.manual_seed(9)                       # the one draw a layer boundary makes: [T,B,2H]
+    mask = (torch.rand(T, B, 2 * H, dtype=F64) < 1 - p).to(F64) / (1 - p)
+    assert (mask == 0).any() and (mask > 1).any()
+    xr = x.detach().clone().requires_grad_(True)
+    yr, _ = l1(l0(xr)[0] * mask)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (yr * g).sum().backward()
+    assert scaled_error(y.detach().numpy(), yr.detach().numpy()) <= 1e-12
+    assert scaled_error(x.grad.numpy(), xr.grad.numpy()) <= 1e-12
+    assert scaled_error(m.weight_ih_l0.grad.numpy(), l0.weight_ih_l0.grad.numpy()) <= 1e-12
+
+
 def test_unbatched_input_as_nn_lstm():
     ref = _trained_lstm(3, 4, F64, bidirectional=True)
     m = _twin(ref)
