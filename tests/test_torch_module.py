@@ -533,8 +533,8 @@ def test_cuda_parity_with_nn_lstm_on_a_side_stream(kw, dtype, packed, exact_cuda
     with torch.cuda.stream(side):                # xlstm's kernels must queue on this stream
         got = _outputs_and_grads(m, x, hx, g, lengths)
         want = _outputs_and_grads(ref, x, hx, g, lengths)
-        got = {k: v.cpu() for k, v in got.items()}   # copies ordered on the side stream
-        want = {k: v.cpu() for k, v in want.items()}
+        got = {k: v.detach().cpu() for k, v in got.items()}   # copies ordered on the side stream
+        want = {k: v.detach().cpu() for k, v in want.items()}
     errs = {k: scaled_error(got[k].numpy(), want[k].numpy()) for k in want}
     # cuDNN's float64 sums in another order than NumPy's; 1e-12 of the largest entry holds there too
     assert max(errs.values()) <= TOL[dtype], errs
