@@ -233,3 +233,14 @@ def test_batch_first_is_the_time_major_model_transposed():
     with pytest.raises(xlstm.InputError, match=r"\[B,T,\.\.\.\] \(batch_first=True\)"):
         bf.forward(np.zeros((4, 3)))
     assert "batch_first=True" in repr(bf) and "batch_first" not in repr(tm)
+
+
+def test_release_cache_frees_the_activations_and_backward_then_asks_for_a_forward():
+    m = _model()
+    x = np.ones((4, 2, 3), np.float32)
+    y, _ = m.forward(x)
+    m.release_cache()
+    with pytest.raises(StateError, match="before forward"):
+        m.backward(np.ones_like(y))
+    y, _ = m.forward(x)
+    m.backward(np.ones_like(y))         # a new forward makes backward possible again

@@ -250,6 +250,10 @@ class LSTM(Module):
         """A [T,B,...] result in the layout the caller uses."""
         return self.xp.ascontiguousarray(a.swapaxes(0, 1)) if self.batch_first else a
 
+    def release_cache(self) -> None:
+        """Drop what the last ``forward`` kept for ``backward`` (its activations), freeing them now."""
+        self._cache = None
+
     def _check_traceable(self):
         if self.precision != "float32":
             raise InputError(f"trace checks the fast path against the float32 reference cell, so it needs "

@@ -35,6 +35,10 @@ class HostReads:
         if not bool(ok):
             _fail(message)
 
+    def drop(self) -> None:
+        """Forget what was queued, unread (a caller that must never wait on the device)."""
+        self._values = {}
+
     def read(self) -> dict:
         """Every value put since the last read, as floats, in the order put."""
         out, self._values = self._values, {}
@@ -67,6 +71,9 @@ class DeviceReads(HostReads):
                 _fail(message)
             return
         self._checks.append((ok, message))
+
+    def drop(self) -> None:
+        self._values, self._checks = {}, []
 
     def read(self) -> dict:
         checks, self._checks = self._checks, []

@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="available",
                         help="comma-separated backends (numpy,cupy) or 'available' (default)")
     parser.add_argument("--no-torch", action="store_true", help="do not time torch even when installed")
+    parser.add_argument("--torch-module", action="store_true",
+                        help="time a training step of xlstm.torch.LSTM beside torch.nn.LSTM on one device")
     parser.add_argument("--layer-norm", action="store_true",
                         help="the LayerNorm LSTM cell (torch has none: not timed; results checked against "
                              "the NumPy backend in float64)")
@@ -145,6 +147,12 @@ def run(args) -> int:
     """The dispatch point: ``--load`` prints saved results; otherwise the grid is run."""
     if args.load:
         return _run_load(args)
+    if args.torch_module:
+        from .timing import time_interleaved
+        from .torch_module import run as run_torch_module
+
+        args.out = args.out or new_run_dir()
+        return run_torch_module(args, time_interleaved)
     return _run_grid(args)
 
 
