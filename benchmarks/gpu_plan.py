@@ -80,13 +80,15 @@ PARTS = (
                 what="graph replay equals eager, bitwise"),
         _pytest("tests-train_step_syncs", 15, 10, "tests/test_train_step_syncs.py",
                 what="fused Adam, clip, cross-entropy; host syncs of a training step"),
-        _pytest("tests-train", 40, 30, "tests/test_train.py",
+        _pytest("tests-train", 36, 30, "tests/test_train.py",
                 what="two GPU training runs bitwise equal; Ctrl-C + resume equals uninterrupted"),
         _pytest("tests-precision", 15, 10, "tests/test_precision.py", needs=("cupy", "nvmath"),
                 what="tf32/bf16 within the CPU-derived bounds"),
+        _pytest("tests-torch_module", 12, 8, "tests/test_torch_module.py",
+                what="xlstm.torch.LSTM on CUDA tensors equals cuDNN's nn.LSTM, on a side stream"),
         _pytest("tests-persistent", 20, 12, "tests/test_cupy_backend.py", "-k", "persistent",
                 needs=("cupy", "persistent"), what="persistent kernels against NumPy, bitwise repeatable"),
-        _pytest("tests-distributed", 10, 8, "tests/test_distributed.py", what="one-rank NCCL run"),
+        _pytest("tests-distributed", 8, 6, "tests/test_distributed.py", what="one-rank NCCL run"),
     )),
     Part("record", "the numbers of record: CuPy (graphs on, per-step) vs cuDNN, float32, TF32 off, "
                    "B=64; host us per time step; the GEMM floor; then the LayerNorm cell", (

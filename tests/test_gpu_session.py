@@ -45,9 +45,9 @@ def test_the_parts_are_ordered_by_value():
 
 def test_every_file_with_gpu_tests_is_in_the_plan():
     planned = {s.args[0] for _, s in gpu_plan.steps() if s.kind == "pytest"}
-    with_gpu = {f"tests/{f}" for f in os.listdir(os.path.join(ROOT, "tests"))
-                if f.startswith("test_") and f.endswith(".py")
-                and "pytest.mark.gpu" in open(os.path.join(ROOT, "tests", f)).read()}
+    with_gpu = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "tests"))
+                for f in files if f.startswith("test_") and f.endswith(".py")
+                and "pytest.mark.gpu" in open(os.path.join(d, f)).read()}
     assert with_gpu - {"tests/test_gpu_session.py"} <= planned, with_gpu - planned
 
 
@@ -90,12 +90,11 @@ def test_a_dry_run_of_the_whole_session_writes_every_parts_files(host_lib, tmp_p
     assert list(recs) == [s.name for s in steps], r.stdout + r.stderr
     for s in steps:
         assert (out / f"{s.name}.txt").exists(), s.name
-        if s.name == "torch-module":
-            continue
         assert recs[s.name]["status"] == "done", (s.name, recs[s.name])
         if s.kind == "bench":
             res = json.loads((out / f"{s.name}.json").read_text())
-            assert res["rows"] and all(x["status"] == "ok" and x["backend"] == "cupy" for x in res["rows"]), s.name
+            backend = "numpy" if s.name == "torch-module" else "cupy"      # the stand-in has no torch CUDA
+            assert res["rows"] and all(x["status"] == "ok" and x["backend"] == backend for x in res["rows"]), s.name
         if s.kind == "pytest":
             assert (out / f"{s.name}.xml").exists()
         if s.kind == "train":
@@ -103,14 +102,12 @@ def test_a_dry_run_of_the_whole_session_writes_every_parts_files(host_lib, tmp_p
     smoke = json.loads((out / "smoke.json").read_text())
     assert {k: smoke[k] for k in ("cupy", "nvmath", "graphs", "persistent")} == dict.fromkeys(
         ("cupy", "nvmath", "graphs", "persistent"), "ok")
-    # the torch-module option is not in this checkout: recorded as failed, the session went on
-    assert recs["torch-module"]["status"] == "failed" and "--torch-module" in recs["torch-module"]["note"]
     readme = (out / "README.md").read_text()
-    assert "Dry run on the CPU" in readme and "not measured: xlstm: error" in readme
+    assert "Dry run on the CPU" in readme
     targets = (out / "targets.txt").read_text().splitlines()
     assert len(targets) == len(gpu_plan.TARGETS) and all(t.startswith("[NOT MEASURED]") for t in targets)
     assert r.stdout.endswith((out / "targets.txt").read_text())          # the reply's tail
-    assert r.returncode == 1                                              # a step failed
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.slow
