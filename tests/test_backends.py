@@ -53,7 +53,7 @@ def test_explicit_cupy_without_gpu_raises_with_reason():
     assert get_backend().name == "numpy"                 # the failed switch changed nothing
 
 
-# -- arrays kept on the host own their memory (issue 9) -----------------------------------------
+# -- arrays kept on the host own their memory --------------------------------------------------
 def test_to_numpy_copy_owns_its_memory():
     be = xlstm.backends.resolve("numpy")
     a = np.arange(6.0).reshape(2, 3)

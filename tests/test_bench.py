@@ -230,7 +230,7 @@ def test_plain_pointwise_steps_allocate_nothing_per_step(dtype):
         assert a.dtype == np.dtype(dtype)
 
 
-# -- host results are snapshots (issue 9: on NumPy ``to_numpy`` is the live buffer) ---------------
+# -- host results are snapshots (on NumPy ``to_numpy`` is the live buffer) ------------------------
 def _snapshot(host):
     y, dx, grads = host
     return np.array(y), np.array(dx), {k: np.array(v) for k, v in grads.items()}
@@ -259,9 +259,9 @@ def test_host_results_do_not_change_when_the_backend_runs_again(use_torch):
 
 
 def test_two_backends_agree_in_one_run(tmp_path, monkeypatch, capsys):
-    """The second backend of a cell is checked against what the first computed in its check;
-    with the aliasing bug of issue 9 the first backend's gradients had grown by every timed
-    step by then, and every cell failed ('dl0.U vs numpy backend: 0.8')."""
+    """The second backend of a cell is checked against what the first computed in its check; had
+    the first backend's host results been live buffers, its gradients would have grown by every
+    timed step by then and every cell would fail ('dl0.U vs numpy backend: 0.8')."""
     monkeypatch.setattr(bench.cli, "_resolve_backends", lambda spec: [NumpyBackend(), SecondNumpy()])
     rc = bench.main(["--hidden", "8", "--seq-len", "3", "--batch", "2", "--layers", "1", "--repeat", "3",
                      "--min-repeat", "3", "--rounds", "1", "--settle", "0", "--no-progress", "--no-plot",

@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints (xlstm/checkpoint.py)."""
+"""Atomic, verified checkpoints (xlstm/app/checkpoint.py)."""
 import errno
 import hashlib
 import io
@@ -127,8 +127,8 @@ def test_arrays_are_read_without_pickle(tmp_path):
 
 def test_checkpoint_arrays_are_snapshots_of_the_training_state():
     """What train saves (parameters, Adam's buffers, the carried LSTM state) owns its memory:
-    a step taken while the checkpoint is being written cannot change it (issue 9's aliasing
-    class: on NumPy ``to_numpy`` is the live buffer)."""
+    a step taken while the checkpoint is being written cannot change it (on NumPy ``to_numpy``
+    is the live buffer)."""
     from xlstm.app import train
     from xlstm.losses import cross_entropy
     from xlstm.optim import Adam

@@ -1,7 +1,7 @@
 """CUDA-graph replay of the CuPy backend's sequence ops, proven on the CPU, then on a GPU.
 
 On the CPU the CuPy backend runs unchanged against the stand-in cupy of
-tests/test_cupy_backend.py (host builds of the kernels) and a stand-in of nvmath's cuBLAS
+tests/support/standin.py (host builds of the kernels) and a stand-in of nvmath's cuBLAS
 binding that computes the column-major BLAS contract on raw addresses. Stream capture there
 RECORDS each kernel launch and GEMM with the addresses it was given and runs nothing;
 ``Graph.launch`` reruns the records. So a graph bound to the wrong buffer (an input not copied
@@ -555,7 +555,7 @@ def test_fake_nvmath_matches_the_real_binding():
         assert int(getattr(nvmath.CudaDataType, member.name)) == int(member), member
 
 
-# -- the bench's GEMM floor, timed the way the layer runs (issue 10) -------------------------------
+# -- the bench's GEMM floor, timed the way the layer runs ----------------------------------------
 @pytest.mark.parametrize("precision,tol", [("float32", 1e-6), ("tf32", 2e-3), ("bf16", 2e-2)])
 def test_bench_floor_is_captured_like_the_layer(graphed, precision, tol):
     """With graphs on, the floor's per-step GEMMs are captured once per loop (through the same
@@ -677,7 +677,7 @@ def test_bench_on_the_stand_in_cupy_in_each_precision(graphed, monkeypatch, tmp_
 
 
 def test_bench_persistent_on_where_u_does_not_fit_is_an_error_row(graphed, monkeypatch, tmp_path):
-    """--persistent on (issue 11's grid): on the stand-in's 2 SMs U fits on chip at H=6, not at
+    """--persistent on: on the stand-in's 2 SMs U fits on chip at H=6, not at
     H=256; that cell is an error row saying why, the other one is timed on the persistent path."""
     be, fake = graphed
     res = _stand_in_bench(graphed, monkeypatch, tmp_path, "--no-torch", "--persistent", "on", hidden="6,256")

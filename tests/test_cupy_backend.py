@@ -6,7 +6,7 @@ Three groups:
   BackendUnavailableError with the reason; ``auto`` falls back to NumPy; ``xlstm info`` says why.
 * CPU, always (where g++ exists): ``CupyBackend`` itself, unchanged, runs against a stand-in
   ``cupy`` module whose RawModule launches the host twins of the kernels
-  (``tests/kernels_host_shim.cpp``) and whose arrays are NumPy's. This checks every launch of
+  (``tests/support/kernels_host_shim.cpp``) and whose arrays are NumPy's. This checks every launch of
   the backend (argument count, order and C types read from the .cu source, NULL for absent
   masks, dtype-typed scalars, contiguity, block sizes) and runs whole LSTMs through it against
   the NumPy backend. Only the device itself (NVRTC's binary, cuBLAS) is not exercised.
@@ -187,7 +187,7 @@ class _NoAddAt:
         return np.add(*a, **kw)
 
     def at(self, *a, **kw):
-        raise AssertionError("xp.add.at on the training path: CuPy runs it with atomics (issue 9)")
+        raise AssertionError("xp.add.at on the training path: CuPy runs it with atomics")
 
 
 @pytest.mark.parametrize("grad_method", ["auto", "sort", "onehot"])

@@ -1,4 +1,4 @@
-"""Corpus reading, vocabulary and batching (xlstm/data.py)."""
+"""Corpus reading, vocabulary and batching (xlstm/app/data.py)."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
 """The CUDA pointwise math, compiled for the host, against the NumPy references.
 
-``xlstm/kernels/lstm_pointwise.cuh`` is compiled with g++ through ``tests/kernels_host_shim.cpp``
+``xlstm/kernels/lstm_pointwise.cuh`` is compiled with g++ through ``tests/support/kernels_host_shim.cpp``
 (which runs the kernels' per-element code over every element, as one launch does) and loaded
 with ctypes. Its results must match ``NumpyBackend`` (the in-place reference) and
 ``xlstm.cell`` (the readable reference) on random inputs, extreme inputs (|z| up to 1e4, |c| up

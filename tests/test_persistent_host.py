@@ -1,6 +1,6 @@
 """The persistent kernels' block/step schedule, run on the host, against the NumPy backend.
 
-``tests/kernels_host_shim.cpp`` runs the phase functions of ``xlstm/kernels/lstm_persistent.cuh``
+``tests/support/kernels_host_shim.cpp`` runs the phase functions of ``xlstm/kernels/lstm_persistent.cuh``
 (the very code the persistent kernels call) in the kernel's schedule: per step, every block
 runs its partial products and then its pointwise phase, with a block order and a thread order
 that alternate between steps (so a phase reading what another block or thread writes in the

@@ -325,7 +325,7 @@ def test_bf16_model_equals_an_independent_torch_implementation():
 
 # =============================================================================================
 # 5. The CuPy path's cublasGemmEx calls, against a stand-in of nvmath's cuBLAS binding whose
-#    gemm_ex computes the column-major contract on the raw pointers (tests/test_cupy_backend.py)
+#    gemm_ex computes the column-major contract on the raw pointers (tests/support/standin.py)
 # =============================================================================================
 @pytest.fixture
 def host_cupy(host_lib, monkeypatch):

@@ -1,6 +1,6 @@
 """The stand-ins of the GPU tests against the REAL installed cupy and nvmath-python (no GPU).
 
-tests/test_cupy_backend.py and tests/test_cuda_graphs.py run the CuPy backend against a
+tests/support/standin.py lets the CuPy backend's tests run against a
 stand-in ``cupy`` and a stand-in ``nvmath.bindings.cublas`` written by this project; they can
 only prove what their authors believed the APIs to be. These checks tie every call the backend
 makes to the installed libraries instead: names, keyword-only parameters, parameter order,

@@ -273,7 +273,7 @@ def test_backend_cupy_without_a_gpu(capsys, corpus, tmp_path):
     assert code == 2 and "cupy" in err
 
 
-# -- the same on the GPU (issue 9): determinism and exact resume with --backend cupy ------------------
+# -- the same on the GPU: determinism and exact resume with --backend cupy ---------------------------
 def _gpu_opts(corpus, steps, *extra):
     return ["--backend", "cupy", "--text", corpus, "--max-chars", "1200", *TINY, "--steps", steps, *extra]
 

@@ -1,18 +1,17 @@
 """The training step does not wait on the device: host syncs and device ops per step, counted.
 
-The counts come from the stand-in cupy of tests/test_cupy_backend.py in counting mode: its
+The counts come from the stand-in cupy (tests/support/standin.py) in counting mode: its
 arrays are an ndarray subclass seen as cupy's, whose host reads (asnumpy, .get(), .item(),
 float/int/bool, Stream.synchronize) are counted as syncs, and whose ufuncs, reductions, copies,
 fancy indexing, GEMMs, raw kernel launches and graph launches are counted as device ops. The
 whole step is ``xlstm.app.train.train_step`` (Embedding -> LSTM -> Dense -> cross-entropy -> clip
 -> Adam), the code ``xlstm train`` runs.
 
-Measured before this change (default model scaled down: H=16, E=8, V=20, B=4), per step:
-14 syncs (8 NaN checks, 2+2 id/target range reads, 1 loss read, 1 clip-norm read; the loop
-added a stream synchronize) and 174 device ops with one layer, 255 with two; neither depends
-on T (the LSTM loops are graph-replayed). Now: 0 syncs, 69 and 102 ops (zero_grad 1, Embedding
-1, LSTM about 35 a layer, Dense 4 + 7, loss 6 with its kernel, Embedding backward 6, clip 2,
-Adam 1). With graphs off (no nvmath) the eager loop issues 4 ops per time step and layer
+Per step of the default model scaled down (H=16, E=8, V=20, B=4): 0 syncs (the NaN checks,
+id/target range checks, the loss and the clip norm stay on the device until the next log),
+and 69 device ops with one layer, 102 with two (zero_grad 1, Embedding 1, LSTM about 35 a
+layer, Dense 4 + 7, loss 6 with its kernel, Embedding backward 6, clip 2, Adam 1); neither
+depends on T (the LSTM loops are graph-replayed). With graphs off (no nvmath) the eager loop issues 4 ops per time step and layer
 (2 cuBLAS GEMMs, 2 fused kernels; T=8: 83, T=16: 115) and fewer copies; still 0 syncs.
 Validation reads the device once per evaluation instead of once per window.
 The counts are of the CuPy-level operations the code issues (cupy may use more than one

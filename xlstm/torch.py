@@ -99,7 +99,7 @@ class _Cuda:
         if reason is not None:
             raise InputError(
                 f"xlstm.torch.LSTM got CUDA tensors, but xlstm's CUDA backend (CuPy) cannot run here: {reason}. "
-                "Install CuPy for torch's CUDA version: pip install 'xlstm[cuda12]' (CUDA 12) or "
+                "Install CuPy for torch's CUDA version: pip install 'xlstm-bptt[cuda12]' (CUDA 12) or "
                 "'xlstm[cuda13]' (CUDA 13); or move the module and the data to the CPU with .cpu()")
         from .backends import dlpack
 

@@ -1,6 +1,6 @@
-"""Build and bind the host version of the CUDA kernels (``tests/kernels_host_shim.cpp``).
+"""Build and bind the host version of the CUDA kernels (``tests/support/kernels_host_shim.cpp``).
 
-Used by ``test_kernels_host.py`` (the math against NumPy) and ``test_cupy_backend.py`` (the
+Used by ``test_kernels_host.py`` (the math against NumPy) and ``support/standin.py`` (the
 CuPy backend's launches run on the host). Every kernel ``K`` of the sources in
 ``xlstm.kernels.SOURCES`` has a host twin ``host_K`` with the same parameter list (the persistent
 kernels' twins take three more: the launch's grid, block and shared-memory bytes, see

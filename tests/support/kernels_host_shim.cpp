@@ -5,7 +5,7 @@
 // computes: the kernels' per-element code (forward_at / backward_at) over all n = b*H + j, the
 // LayerNorm row code over all rows with one serial worker per row, the column sums over all
 // columns. So CI checks the CUDA math, indexing and nullptr handling against the NumPy backend
-// without a GPU, and tests/test_cupy_backend.py can run CupyBackend's launches on the host.
+// without a GPU, and tests/support/standin.py can run CupyBackend's launches on the host.
 // Arguments and shapes: as the kernels in lstm_kernels.cu (null pointers for unused masks).
 //
 // The persistent kernels of lstm_persistent.cu get host twins that run their phase functions

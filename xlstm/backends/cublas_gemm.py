@@ -20,7 +20,7 @@ The precision modes (``xlstm/precision.py``) go through the same handle with ``g
     bf16       bfloat16 bits (our cast kernel)  CUDA_R_16BF x2 -> CUDA_R_32F, CUBLAS_COMPUTE_32F
 
 On the CPU the calls are checked against a stand-in binding that computes cuBLAS's
-column-major contract on the raw pointers (tests/test_cupy_backend.py).
+column-major contract on the raw pointers (tests/support/standin.py).
 """
 from __future__ import annotations
 

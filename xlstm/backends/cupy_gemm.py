@@ -2,7 +2,7 @@
 
 On the CPU, tests/test_precision.py runs this code against a stand-in of nvmath's cuBLAS binding whose
 gemm_ex computes the column-major contract from the very pointers, leading dimensions and
-transpose flags passed (tests/test_cupy_backend.py), and the cast kernel ``f32_to_bf16`` is
+transpose flags passed (tests/support/standin.py), and the cast kernel ``f32_to_bf16`` is
 compiled for sm_80/sm_90 and its host build checked against ml_dtypes.
 
 tf32: the float32 array itself is the operand (cuBLAS rounds while it multiplies). bf16: one

@@ -85,7 +85,7 @@ def run(args, time_interleaved) -> int:
     try:
         import torch
     except ImportError:
-        print("xlstm bench --torch-module: torch is not installed (pip install 'xlstm[torch]')", file=sys.stderr)
+        print("xlstm bench --torch-module: torch is not installed (pip install 'xlstm-bptt[torch]')", file=sys.stderr)
         return 2
     device = _device(torch)
     hidden = args.hidden or (64, 256)

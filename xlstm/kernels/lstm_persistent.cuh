@@ -17,7 +17,7 @@
 // threads share one unit's dot product (the K-split); their partial sums meet in shared memory.
 //
 // Every phase is a __host__ __device__ function of (block k, thread tid of nt, shared memory),
-// so tests/kernels_host_shim.cpp runs the very same code on the CPU in the kernel's schedule
+// so tests/support/kernels_host_shim.cpp runs the very same code on the CPU in the kernel's schedule
 // (for each step: for each block: all threads' partial, then all threads' pointwise), and the
 // host checks prove the indexing of the tiling without a GPU. Within a phase no thread reads
 // what another thread of the same phase writes; that is what makes the barriers sufficient.

@@ -3,7 +3,7 @@
 // This header is the single truth for the CUDA path. It is compiled three ways:
 //   * by NVRTC (cupy.RawModule) into the kernels of lstm_kernels.cu, at run time on a GPU;
 //   * by nvcc / NVRTC to PTX in CI (tests/test_kernels_compile.py), without a GPU;
-//   * by g++ for the host (tests/kernels_host_shim.cpp), so CI checks these exact functions
+//   * by g++ for the host (tests/support/kernels_host_shim.cpp), so CI checks these exact functions
 //     against the NumPy backend on random and extreme inputs without a GPU.
 // Hence: no CUDA-only constructs outside the XLSTM_HD macro, no standard headers under NVRTC.
 //
