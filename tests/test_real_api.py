@@ -76,6 +76,17 @@ def test_stream_capture_api_and_the_stand_in():
 
 
 # -- cupy: kernels (xlstm/backends/cupy_backend.py) -----------------------------------------------
+def test_stream_interop_for_xlstm_torch():
+    """backends/dlpack.on_stream wraps torch's current stream with cupy's Stream.from_external
+    (cupy >= 14; ExternalStream, its fallback, is deprecated there), from the stream object's
+    ``__cuda_stream__``, which torch's CUDA streams provide."""
+    cupy = _cupy()
+    assert params(cupy.cuda.Stream.from_external) in (["obj"], ["cls", "obj"])
+    assert params(cupy.from_dlpack)[0] == "array"
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    assert hasattr(torch.cuda.Stream, "__cuda_stream__")
+
+
 def test_raw_module_keywords_and_the_stand_in(tmp_path):
     cupy = _cupy()
     from support.standin import make_fake_cupy

@@ -15,7 +15,7 @@ from xlstm.errors import InputError
 from xlstm.gradcheck import scaled_error
 from support.cli import xlstm as xlstm_cli
 
-torch = pytest.importorskip("torch", reason="torch is not installed; xlstm.torch needs it (pip install 'xlstm[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed; xlstm.torch needs it (pip install 'xlstm-bptt[torch]')")
 import xlstm.torch as xt  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
@@ -474,7 +474,7 @@ def test_errors_say_what_to_do(make, match):
 
 def test_cuda_tensor_without_cupy_says_how_to_install(monkeypatch):
     monkeypatch.setattr(xlstm.backends, "cupy_unavailable_reason", lambda: "no CUDA driver found")
-    with pytest.raises(InputError, match=r"no CUDA driver found.*xlstm\[cuda12\].*xlstm\[cuda13\]"):
+    with pytest.raises(InputError, match=r"no CUDA driver found.*'xlstm-bptt\[cuda12\]'.*'xlstm-bptt\[cuda13\]'"):
         xt._bridge(torch.device("cuda", 0))
 
 
@@ -489,6 +489,20 @@ def test_bad_construction(kw, match):
         xt.LSTM(3, 4, **kw)
 
 
+def test_changing_forget_bias_between_calls_takes_effect():
+    torch.manual_seed(0)
+    m = xt.LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y0, _ = m(x)
+        m.forget_bias = 1.0
+        y1, _ = m(x)
+        fresh = xt.LSTM(3, 4, forget_bias=1.0, dtype=torch.float64)
+        fresh.load_state_dict(m.state_dict())
+        want, _ = fresh(x)
+    assert not torch.equal(y1, y0) and torch.equal(y1, want)
+
+
 def test_bench_torch_module_checks_then_times_both(tmp_path):
     r = xlstm_cli("bench", "--torch-module", "--hidden", "8,16", "--seq-len", "5", "--batch", "3", "--repeat", "2",
                   "--rounds", "1", "--settle", "0", "--out", tmp_path, "--name", "tm", check=0)
@@ -498,6 +512,15 @@ def test_bench_torch_module_checks_then_times_both(tmp_path):
     for row in rows:
         assert row["max_error"] <= 1e-5 and row["device"] == "cpu"
         assert row["xlstm.torch_ms"] > 0 and row["nn.LSTM_ms"] > 0 and row["xlstm.LSTM_ms"] > 0
+        assert row["status"] == "ok" and row["step_over_torch"] == row["xlstm.torch/nn.LSTM"]   # the report's keys
+    assert json.load(open(tmp_path / "tm.json"))["meta"]["partial"] is False
+
+
+def test_bench_torch_module_stops_at_its_budget_and_keeps_what_it_measured(tmp_path):
+    xlstm_cli("bench", "--torch-module", "--hidden", "8,16", "--seq-len", "5", "--batch", "3", "--repeat", "2",
+              "--rounds", "1", "--settle", "0", "--budget", "0", "--out", tmp_path, "--name", "tm", check=0)
+    res = json.load(open(tmp_path / "tm.json"))
+    assert res["rows"] == [] and res["meta"]["partial"] is True
 
 
 # -- CUDA: the same parity on CUDA tensors, on a non-default torch stream ----------------------

@@ -100,15 +100,14 @@ class _Cuda:
             raise InputError(
                 f"xlstm.torch.LSTM got CUDA tensors, but xlstm's CUDA backend (CuPy) cannot run here: {reason}. "
                 "Install CuPy for torch's CUDA version: pip install 'xlstm-bptt[cuda12]' (CUDA 12) or "
-                "'xlstm[cuda13]' (CUDA 13); or move the module and the data to the CPU with .cpu()")
+                "'xlstm-bptt[cuda13]' (CUDA 13); or move the module and the data to the CPU with .cpu()")
         from .backends import dlpack
 
         self._dlpack = dlpack
         self.device = device
 
     def context(self):
-        stream = torch.cuda.current_stream(self.device)
-        return self._dlpack.on_stream(stream.cuda_stream, self.device.index)
+        return self._dlpack.on_stream(torch.cuda.current_stream(self.device), self.device.index)
 
     def to_xp(self, t):
         return self._dlpack.from_dlpack(t.detach())
@@ -147,7 +146,10 @@ class _Pool:
         self.free: dict = {}
 
     def take(self, m, bridge, dtype):
-        key = (bridge.backend, str(bridge.device), dtype)
+        # everything a core is built with: a module attribute changed between calls (forget_bias,
+        # say) gets new cores, never stale ones
+        key = (bridge.backend, str(bridge.device), dtype, m.input_size, m.hidden_size, m.num_layers,
+               m.bidirectional, m.layer_norm, m.forget_bias)
         idle = self.free.get(key)
         if idle:
             return key, idle.pop()

@@ -1,6 +1,6 @@
 """CuPy arrays shared with another framework's CUDA tensors (DLPack), on that framework's stream.
 
-    with on_stream(stream_ptr, device):       # e.g. torch.cuda.current_stream().cuda_stream
+    with on_stream(stream, device):           # e.g. torch.cuda.current_stream()
         a = from_dlpack(tensor)               # a cupy view of the tensor's memory (no copy)
         ...                                   # every kernel and GEMM queued on that stream
 
@@ -20,12 +20,19 @@ def from_dlpack(tensor):
 
 
 @contextlib.contextmanager
-def on_stream(ptr: int, device: int):
-    """Make CUDA device ``device`` and the external stream ``ptr`` (a cudaStream_t) CuPy's current."""
+def on_stream(stream, device: int):
+    """Make CUDA device ``device`` and ``stream`` CuPy's current: a framework's stream object
+    (``torch.cuda.current_stream()``: it has ``cuda_stream`` and ``__cuda_stream__``) or a
+    cudaStream_t as an int."""
     import cupy
 
+    ptr = stream if isinstance(stream, int) else int(stream.cuda_stream)
     with cupy.cuda.Device(device):
-        # 0 is the legacy default stream, which cupy names Stream.null
-        stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, device)
-        with stream:
+        if ptr == 0:                    # the legacy default stream, which cupy names Stream.null
+            s = cupy.cuda.Stream.null
+        elif hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
+            s = cupy.cuda.Stream.from_external(stream)      # cupy >= 14: ExternalStream is deprecated
+        else:
+            s = cupy.cuda.ExternalStream(ptr, device)
+        with s:
             yield

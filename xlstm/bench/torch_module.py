@@ -81,13 +81,23 @@ def _cell(torch, H, T, B, L, dtype, device, seed):
 
 
 def run(args, time_interleaved) -> int:
-    """The --torch-module bench (``args``: the bench CLI's; ``time_interleaved``: its timer)."""
+    """The --torch-module bench (``args``: the bench CLI's; ``time_interleaved``: its timer).
+
+    The JSON is rewritten after every cell (``partial`` until the grid ends) and no cell starts
+    once ``--budget`` seconds have passed, so a caller's time limit keeps what was measured."""
     try:
         import torch
     except ImportError:
         print("xlstm bench --torch-module: torch is not installed (pip install 'xlstm-bptt[torch]')", file=sys.stderr)
         return 2
     device = _device(torch)
+    if device.type == "cuda":
+        # float32 against float32: cuDNN's RNN and cuBLAS would otherwise use TF32 tensor cores,
+        # whose 10-bit operands differ from xlstm's float32 products far beyond TOLERANCE
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hidden = args.hidden or (64, 256)
     seqs = args.seq_len or (64,)
     layers = args.layers or (1,)
@@ -95,40 +105,49 @@ def run(args, time_interleaved) -> int:
     command = "xlstm bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     print(f"xlstm bench --torch-module: training step (forward + backward) on {device}, {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads", file=sys.stderr)
-    rows, ok = [], True
-    for L in layers:
-        for B in args.batch:
-            for T in seqs:
-                for H in hidden:
-                    contenders, errs = _cell(torch, H, T, B, L, args.dtype, device, args.seed)
-                    worst = max(errs.values())
-                    # the bench's row keys (status, backend, step_ms, torch_step_ms, ...) so the bench
-                    # report reads these rows as it reads the grid's
-                    row = {"H": H, "T": T, "B": B, "layers": L, "device": str(device), "dtype": args.dtype,
-                           "backend": "cupy" if device.type == "cuda" else "numpy", "status": "ok", "note": "",
-                           "max_error": worst, "check_max_rel_err": worst}
-                    if worst > TOLERANCE[args.dtype]:
-                        bad = {k: v for k, v in errs.items() if v > TOLERANCE[args.dtype]}
-                        print(f"xlstm bench --torch-module: H={H} T={T} B={B} L={L}: xlstm.torch.LSTM differs from "
-                              f"nn.LSTM beyond {TOLERANCE[args.dtype]:g}: {bad}; not timed", file=sys.stderr)
-                        ok = False
-                        row.update(status="failed", note=f"differs from nn.LSTM beyond {TOLERANCE[args.dtype]:g}: {bad}")
-                        rows.append(row)
-                        continue
-                    time_interleaved(contenders, repeats, warmup=1, rounds=args.rounds, settle_s=args.settle)
-                    for c in contenders:
-                        row[c.name + "_ms"] = c.median_ms()
-                    row["xlstm.torch/nn.LSTM"] = row["xlstm.torch_ms"] / row["nn.LSTM_ms"]
-                    row["xlstm.torch/xlstm.LSTM"] = row["xlstm.torch_ms"] / row["xlstm.LSTM_ms"]
-                    row.update(step_ms=row["xlstm.torch_ms"], torch_step_ms=row["nn.LSTM_ms"],
-                               step_over_torch=row["xlstm.torch/nn.LSTM"])
-                    rows.append(row)
-    print(format_rows(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, (args.name or f"bench-torch-module-{device.type}") + ".json")
-    with open(path, "w") as f:
-        json.dump({"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
+
+    def write(rows, partial):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"command": command, "started_utc": started, "torch": torch.__version__,
+                       "meta": {"partial": partial}, "rows": rows}, f, indent=1)
+        os.replace(tmp, path)
+
+    rows, ok = [], True
+    cells = [(L, B, T, H) for L in layers for B in args.batch for T in seqs for H in hidden]
+    for L, B, T, H in cells:
+        if args.budget is not None and time.perf_counter() - t0 > args.budget:
+            print(f"xlstm bench --torch-module: --budget {args.budget:g} s spent; "
+                  f"{len(cells) - len(rows)} cell(s) not run", file=sys.stderr)
+            break
+        contenders, errs = _cell(torch, H, T, B, L, args.dtype, device, args.seed)
+        worst = max(errs.values())
+        # the bench's row keys (status, backend, step_ms, torch_step_ms, ...) so the bench
+        # report reads these rows as it reads the grid's
+        row = {"H": H, "T": T, "B": B, "layers": L, "device": str(device), "dtype": args.dtype,
+               "backend": "cupy" if device.type == "cuda" else "numpy", "status": "ok", "note": "",
+               "max_error": worst, "check_max_rel_err": worst}
+        if worst > TOLERANCE[args.dtype]:
+            bad = {k: v for k, v in errs.items() if v > TOLERANCE[args.dtype]}
+            print(f"xlstm bench --torch-module: H={H} T={T} B={B} L={L}: xlstm.torch.LSTM differs from "
+                  f"nn.LSTM beyond {TOLERANCE[args.dtype]:g}: {bad}; not timed", file=sys.stderr)
+            ok = False
+            row.update(status="failed", note=f"differs from nn.LSTM beyond {TOLERANCE[args.dtype]:g}: {bad}")
+        else:
+            time_interleaved(contenders, repeats, warmup=1, rounds=args.rounds, settle_s=args.settle)
+            for c in contenders:
+                row[c.name + "_ms"] = c.median_ms()
+            row["xlstm.torch/nn.LSTM"] = row["xlstm.torch_ms"] / row["nn.LSTM_ms"]
+            row["xlstm.torch/xlstm.LSTM"] = row["xlstm.torch_ms"] / row["xlstm.LSTM_ms"]
+            row.update(step_ms=row["xlstm.torch_ms"], torch_step_ms=row["nn.LSTM_ms"],
+                       step_over_torch=row["xlstm.torch/nn.LSTM"])
+        rows.append(row)
+        write(rows, partial=True)
+    write(rows, partial=len(rows) < len(cells))
+    print(format_rows(rows))
     print(f"wrote {path}", file=sys.stderr)
     return 0 if ok else 1
 
