@@ -9,7 +9,7 @@ dropout, per dtype: float64 to 1e-12, float32 to 1e-6, normwise max|a-b| / max(m
 The LayerNorm LSTM step (row functions with the row sums done by one serial worker instead of
 a thread block, then the column sums of the parameter gradients) is held to
 ``NumpyBackend.ln_lstm_*_step`` and ``xlstm.layernorm.ln_cell_*`` the same way.
-This is how CI checks the CUDA math without a GPU (see DESIGN.md).
+This is how CI checks the CUDA math without a GPU (see DESIGN.md at the repository root).
 """
 from __future__ import annotations
 
