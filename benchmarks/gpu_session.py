@@ -9,7 +9,7 @@ of ``OUT/session.jsonl`` (done / failed / timeout / skipped, seconds, cap, why),
 step's counts a line of ``OUT/tests.jsonl`` (with ``<step>.xml``, pytest's JUnit report). The
 smoke part decides the later parts' environment: graphs off, persistent kernels off, or a
 step skipped for want of cupy / nvmath-python, each said in its record. A step that fails
-(a torch-module option that this checkout does not have yet, a check that disagrees) is
+(a check that disagrees, a step past its cap) is
 recorded and the session goes on. The report (``benchmarks/gpu_report.py``) is written last,
 and its targets printed, so they end the device call's output.
 

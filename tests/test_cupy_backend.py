@@ -403,7 +403,7 @@ def test_persistent_plan_on_an_h200():
 
 
 # -- persistent kernels on a GPU ----------------------------------------------------------------
-# the bar: float64 to 1e-12 against NumPy (float32 as the other device tests, 1e-5)
+# float64 to 1e-12 against NumPy (float32 as the other device tests, 1e-5)
 PERSISTENT_TOL = {"float64": 1e-12, "float32": 1e-5}
 
 

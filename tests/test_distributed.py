@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from support.cli import gloo_missing
 from xlstm.app import checkpoint, distributed
 from xlstm.errors import InputError, StateError
 
@@ -23,20 +24,10 @@ TINY = ["--hidden", "24", "--embed", "8", "--seq-len", "12", "--batch", "4", "--
         "--log-every", "1", "--no-progress", "--max-chars", "1200"]
 # 25 steps of 22 per epoch cross an epoch (state reset, new offset); dropout and zoneout draw masks
 RUN = [*TINY, "--steps", "25", "--save-every", "5", "--keep", "9", "--dropout", "0.1", "--zoneout", "0.1"]
-RTOL = {"float32": 1e-6, "float64": 1e-12}      # the issue's tolerances, relative to max |value|
+RTOL = {"float32": 1e-6, "float64": 1e-12}      # relative to each array's max |value|
 
 
-def _torch_gloo_missing():
-    try:
-        import torch.distributed as dist
-    except ImportError as e:
-        return f"torch is not installed ({e})"
-    if not (dist.is_available() and dist.is_gloo_available()):
-        return "this torch build has no torch.distributed gloo backend"
-    return None
-
-
-needs_gloo = pytest.mark.skipif(_torch_gloo_missing() is not None, reason=str(_torch_gloo_missing()))
+needs_gloo = pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
 
 
 def _env(**extra):
@@ -212,8 +203,8 @@ def test_env_without_a_rendezvous_address_says_how_to_start(corpus, tmp_path):
 def runs(corpus, tmp_path_factory):
     """Uninterrupted runs: 1 process and 2 processes (torchrun), float32 and float64."""
     base = tmp_path_factory.mktemp("dp")
-    if _torch_gloo_missing():
-        pytest.skip(_torch_gloo_missing())
+    if gloo_missing():
+        pytest.skip(gloo_missing())
     out = {}
     for dt in ("float32", "float64"):
         out[1, dt], out[2, dt] = base / f"one-{dt}", base / f"two-{dt}"

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import xlstm
 from xlstm import LSTM
 from xlstm.backends import get_backend
 from xlstm.trace import BACKWARD_NAMES, Trace, record

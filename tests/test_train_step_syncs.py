@@ -25,7 +25,7 @@ import pytest
 import xlstm
 from support.standin import install_fakes
 from xlstm import optim
-from xlstm.app import distributed, train
+from xlstm.app import train
 from xlstm.errors import InputError
 from xlstm.losses import cross_entropy
 
@@ -37,8 +37,8 @@ def _setup(host_lib, monkeypatch, layers=1, H=16, E=8, V=20, flat=True, graphs=T
     assert be.graphs_active() == graphs
     model = train.build_model(dict(train.DEFAULTS, hidden=H, layers=layers, embed=E), V, be)
     if flat:
-        distributed.FlatParams(model)
-        distributed.FlatGrads(model)
+        xlstm.flat.FlatParams(model)
+        xlstm.flat.FlatGrads(model)
     return fake, be, model, optim.Adam(model, lr=1e-3)
 
 
@@ -238,8 +238,8 @@ def test_flat_adam_equals_the_per_tensor_adam_bitwise(wd):
     def model():
         return xlstm.Sequential(xlstm.Embedding(13, 4, seed=0), xlstm.LSTM(4, 6, seed=0), xlstm.Dense(6, 13, seed=0))
     per, flat = model(), model()
-    distributed.FlatParams(flat)
-    distributed.FlatGrads(flat)
+    xlstm.flat.FlatParams(flat)
+    xlstm.flat.FlatGrads(flat)
     o1, o2 = optim.Adam(per, lr=1e-2, weight_decay=wd), optim.Adam(flat, lr=1e-2, weight_decay=wd)
     rng = np.random.default_rng(5)
     def step_both(pairs):
@@ -316,8 +316,8 @@ def test_gpu_adam_kernel_equals_cupys_passes_bitwise(gpu_be, monkeypatch, dtype)
             monkeypatch.setattr(gpu_be, "adam_step", lambda *a: adam.passes(gpu_be, *a))
         model = xlstm.Sequential(xlstm.Embedding(13, 4, seed=0, dtype=dtype, backend=gpu_be),
                                  xlstm.Dense(4, 13, seed=0, dtype=dtype, backend=gpu_be))
-        distributed.FlatParams(model)
-        distributed.FlatGrads(model)
+        xlstm.flat.FlatParams(model)
+        xlstm.flat.FlatGrads(model)
         opt = optim.Adam(model, lr=1e-2, weight_decay=0.01)
         r = np.random.default_rng(9)
         for _ in range(3):
@@ -339,8 +339,8 @@ def test_gpu_training_steps_queue_and_read_at_the_log(gpu_be):
     for be in ("numpy", gpu_be):
         b = xlstm.backends.resolve(be)
         model = train.build_model(dict(train.DEFAULTS, hidden=16, embed=8), 20, b)
-        distributed.FlatParams(model)
-        distributed.FlatGrads(model)
+        xlstm.flat.FlatParams(model)
+        xlstm.flat.FlatGrads(model)
         opt = optim.Adam(model, lr=1e-3)
         carry = None
         with b.deferred() as reads:
@@ -429,7 +429,7 @@ def test_the_cross_entropy_kernel_matches_numpy(host_lib, monkeypatch, dtype, V)
 
 def test_the_cross_entropy_kernel_never_reads_past_a_row(host_lib, monkeypatch):
     # a target out of range: no read out of bounds (NaN loss), and the deferred check names it
-    fake = install_fakes(host_lib, monkeypatch, nvmath=True, counting=True)
+    install_fakes(host_lib, monkeypatch, nvmath=True, counting=True)
     from xlstm import backends
     be = backends._cupy_backend()
     with pytest.raises(InputError, match=r"targets must lie in \[0, 4\).*\[0, 9\]"):

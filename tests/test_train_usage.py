@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from support.cli import ROOT, TINY, records, xlstm
+from support.cli import ROOT, TINY, gloo_missing, records, xlstm
 
 from xlstm.app import checkpoint
 
@@ -118,17 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(corpus, tmp_path):
     assert records(run)[-1]["step"] == step + 2
 
 
-def _gloo_missing():
-    try:
-        import torch.distributed as dist
-    except ImportError as e:
-        return f"torch is not installed ({e})"
-    if not (dist.is_available() and dist.is_gloo_available()):
-        return "this torch build has no torch.distributed gloo backend"
-    return None
-
-
-@pytest.mark.skipif(_gloo_missing() is not None, reason=str(_gloo_missing()))
+@pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
 def test_sigterm_to_the_nproc_launcher_stops_every_process_at_one_step_and_saves(corpus, tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "100000",
@@ -171,7 +161,7 @@ def test_nproc_checks_options_once_before_starting_processes(corpus, tmp_path, b
     assert r.stderr.strip().count("\n") == 0 and "exitcode" not in r.stderr and "process 0" not in r.stderr, r.stderr
 
 
-@pytest.mark.skipif(_gloo_missing() is not None, reason=str(_gloo_missing()))
+@pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
 def test_nproc_prints_no_torchrun_banner(corpus, tmp_path):
     env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run([sys.executable, "-m", "xlstm", "train", "--text", corpus, *TINY, "--steps", "2",

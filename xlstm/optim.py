@@ -242,9 +242,6 @@ class Adam(Optimizer):
             for _, p, _ in pairs:
                 p *= decay
         d = self._moments(backend.xp, M, V, G)
-        if whole:
-            P -= d
-            return True
         off = 0
         for _, p, _ in pairs:
             p -= d[off:off + p.size].reshape(p.shape)

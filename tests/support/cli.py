@@ -25,3 +25,14 @@ def xlstm(*argv, check=None, **kw):
 def records(run, split="train"):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if json.loads(line)["split"] == split]
+
+
+def gloo_missing() -> str | None:
+    """Why ``--nproc`` cannot run here (no torch, or no gloo backend in this build), or None."""
+    try:
+        import torch.distributed as dist
+    except ImportError as e:
+        return f"torch is not installed ({e})"
+    if not (dist.is_available() and dist.is_gloo_available()):
+        return "this torch build has no torch.distributed gloo backend"
+    return None

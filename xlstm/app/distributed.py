@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError, XlstmError
-from ..flat import FlatGrads, FlatParams  # noqa: F401  (the flat buffers of the all-reduce and of Adam)
+from ..flat import FlatGrads
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -199,8 +199,9 @@ class ProcessGroup(Protocol):
     main: bool          # rank 0: prints, writes metrics and checkpoints
     name: str | None    # the communication backend ("gloo", "nccl") or None
 
-    def attach(self, model) -> None:
-        """Prepare the model's gradients for ``allreduce_grads`` (once, after the model is built)."""
+    def attach(self, grads: FlatGrads) -> None:
+        """The model's gradients as flat buffers (``xlstm.flat.FlatGrads``), for ``allreduce_grads``
+        (once, after the model is built)."""
 
     def allreduce_grads(self) -> None:
         """Every gradient := its mean over the processes, in place."""
@@ -232,7 +233,7 @@ class Single:
 
     rank, world, main, name = 0, 1, True, None
 
-    def attach(self, model) -> None:
+    def attach(self, grads: FlatGrads) -> None:
         pass
 
     def allreduce_grads(self) -> None:
@@ -309,9 +310,9 @@ class TorchGroup:
             return self.torch.from_numpy(a)
         return self.torch.from_dlpack(a)
 
-    def attach(self, model) -> None:
-        """Point the model's gradients at flat buffers and wrap them as tensors once."""
-        self._flat = FlatGrads(model)
+    def attach(self, grads: FlatGrads) -> None:
+        """Wrap the gradients' flat buffers as tensors once."""
+        self._flat = grads
         self._tensors = [self._tensor(f) for f in self._flat.buffers]
 
     def allreduce_grads(self) -> None:

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .. import backends
+from .. import backends, flat
 from ..backends import blas
 from . import checkpoint, data, distributed
 from .model import DEFAULT_STEPS, DEFAULTS, build_model, check_config, given_options, lstm_of, merge_resumed
@@ -436,11 +436,10 @@ class Trainer:
             self.resume()
         self.phases = schedule_phases(self.cfg, self.total, self.resumed[2] if self.resumed else None,
                                       getattr(args, "warmup", None) if self.resumed else None)
-        # every parameter and gradient a view of one flat buffer: clipping scales it in one pass and
-        # Adam updates all at once (a distributed group re-flattens the gradients for its all-reduce)
-        distributed.FlatParams(self.model)
-        distributed.FlatGrads(self.model)
-        group.attach(self.model)
+        # every parameter and gradient a view of one flat buffer: clipping scales it in one pass,
+        # Adam updates all at once and a process group all-reduces the gradients' buffers
+        flat.FlatParams(self.model)
+        group.attach(flat.FlatGrads(self.model))
         if group.main:
             os.makedirs(self.run_dir, exist_ok=True)
             self.metrics = Metrics(self.run_dir, self.step_no if self.resumed else None)

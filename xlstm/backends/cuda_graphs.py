@@ -31,7 +31,7 @@ graph launch still uses them (CuPy's pool frees on the stream order).
 A capture or first launch that fails for a reason of the device or its libraries (a kernel
 that refuses capture, a driver without some graph feature) raises ``CaptureFailed``; nothing
 of the caller's arrays has been written then, so the backend runs the same op eagerly and
-turns graphs off (``CupyBackend._sequence``). An ``XlstmError`` from the op itself (a bad
+turns graphs off (``CupyBackend.graph_or_eager``). An ``XlstmError`` from the op itself (a bad
 argument) is the caller's and propagates as is.
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ Persistent kernels (``xlstm/kernels/lstm_persistent.cu``, their own RawModule co
 ``lstm_backward_sequence`` may instead run all T steps in one cooperative launch that keeps
 U's slice of each block in shared memory. ``persistent`` ("auto" | "on" | "off", default the
 environment variable XLSTM_PERSISTENT, else "off") picks; "auto" follows the crossover table
-of ``xlstm.backends.persistent`` (estimates, not yet a measured crossover) and falls back to the
+of ``xlstm.backends.persistent`` (estimated limits; docs/VERIFICATION.md) and falls back to the
 per-step loop (graph-replayed where graphs are on) where the grid does not fit; "on" raises
 instead of falling back. Persistent launches are never captured into a graph (each zeroes its
 own grid-barrier counter) and ``eager()`` (traces) runs the per-step loop.
@@ -153,8 +153,7 @@ class CupyBackend(Backend):
         self._sm_count: dict = {}     # device id -> number of SMs
         self.scratch = Scratch(cupy, device=cupy.cuda.runtime.getDevice)   # reused across steps
         self._null = np.uint64(0)     # a NULL pointer argument: 8 zero bytes, as a T* parameter
-        #                               on every cupy (cupy < 14 passed None as garbage, cupy#9046;
-        #                               14.x passes it as 0: cupy/cuda/function.pyx _pointer)
+        #                               (cupy < 14 passes None as garbage, cupy#9046)
         self.cuda_graphs = graphs_env_default()   # the switch; False runs the eager loop
         self.graphs = cuda_graphs.GraphCache(maxsize=16)
         self._gemms: dict = {}        # device id -> CublasGemm, or None where nvmath is missing

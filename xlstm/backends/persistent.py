@@ -20,8 +20,8 @@ Which of persistent or per-step kernels runs is ``choose(...)``: a crossover tab
 H and B, consulted only in mode "auto"; the mode is set per backend (``CupyBackend.persistent =
 "auto" | "on" | "off"``) or by the environment variable XLSTM_PERSISTENT, and is "off" when
 neither says (``mode_from_env``). The table's limits are conservative estimates (persistent
-only where a step is a few microseconds of work and per-step launches are known to dominate),
-to be replaced by the crossover that ``xlstm bench --persistent on|off`` measures on each device.
+only where a step is a few microseconds of work and per-step launches dominate); the crossover
+that ``xlstm bench --persistent on|off`` measures on a device is what belongs in it.
 """
 from __future__ import annotations
 
@@ -118,10 +118,9 @@ def plan(B: int, H: int, itemsize: int, *, sm_count: int, smem_per_block: int,
 
 
 # -- the picker -----------------------------------------------------------------------------
-# Per device-name substring, the largest H and B for which "auto" picks the persistent kernels
-# (estimates, not a measured crossover). Conservative: only small H,
-# where a step is launch-bound (the issue measured 6.7 us/step for a replayed GEMM + pointwise
-# pair at H=64, B=64 on an H200). Replace with the crossover `xlstm bench --persistent` measures.
+# Per device-name substring, the largest H and B for which "auto" picks the persistent kernels:
+# estimates, conservative (only small H, where a step is launch-bound); the GPU session's
+# crossover part measures where each path wins.
 CROSSOVER = {
     "H200": {"max_H": 256, "max_B": 64},
     "H100": {"max_H": 256, "max_B": 64},
@@ -133,9 +132,8 @@ CROSSOVER = {
 def mode_from_env() -> str:
     """XLSTM_PERSISTENT (auto | on | off), default off; an unknown value is an error.
 
-    The default stays "off" until the crossover table has been measured on a device: the
-    kernels have only run on the host emulation so far, and a default should not be a path
-    no GPU has executed. "auto" follows the table; "on" forces them.
+    The default is "off": a default should be a path a GPU has executed, and which ones have is
+    in docs/VERIFICATION.md. "auto" follows the table; "on" forces them.
     """
     m = os.environ.get(ENV, "off").strip().lower() or "off"
     if m not in MODES:

@@ -289,7 +289,7 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, unsigned sho
 // ---------------------------------------------------------------------------------------------
 // adam_step_{f32,f64}: one Adam/AdamW step of every parameter at once (a multi-tensor update):
 // the parameters, gradients and both moments are flat buffers of n elements in the same order
-// (xlstm/optim.py: Adam over distributed.FlatGrads views). Math and rounding: optim.cuh.
+// (xlstm/optim.py: Adam over the flat buffers of xlstm/flat.py). Math and rounding: optim.cuh.
 //
 //   p      [n]  in/out: parameters.        g  [n]  gradients (after clipping).
 //   m      [n]  in/out: first moment.      v  [n]  in/out: second moment.

@@ -6,7 +6,7 @@
 additions (and the last bits of dE) changes from run to run, and so does every later step of a
 training run. Both methods of ``scatter_add_rows`` add in an order fixed by the data alone and
 are written once against the array module ``xp`` (NumPy and CuPy alike; no kernel of its own).
-Reference: ``np.add.at`` (tests/ops/test_embedding_scatter.py).
+Reference: ``np.add.at`` (tests/ops/test_op_optim_loss.py).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def scatter_add_rows(xp, out, ids, rows, method: str = "auto") -> None:
     "auto": onehot for V <= ONEHOT_MAX_VOCAB with V * N <= ONEHOT_MAX_ELEMENTS, else sort.
     ``benchmarks/embedding_grad.py`` measures both; on a shared 2-core CPU (N 2048-8192, dim
     64-256) onehot was faster in most cells up to V = 256 (up to 8x at V = 65) and slower
-    from V = 512. On a GPU (one GEMM, no host sync; sort syncs twice) it is not measured yet.
+    from V = 512. On a GPU onehot is one GEMM with no host sync, sort syncs twice.
     """
     if method not in SCATTER_METHODS:
         raise InputError(f"method must be one of {SCATTER_METHODS}, got {method!r}")
