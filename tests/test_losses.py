@@ -9,7 +9,7 @@ from xlstm.errors import InputError
 from xlstm.gradcheck import numerical_gradient
 from xlstm.losses import cross_entropy, log_softmax, softmax
 
-# /work/shared/vectors/tf_reference_values.md, section 3
+# shared/vectors/tf_reference_values.md (beside the repository), section 3
 REF_LOGITS = np.array([[1.0, 3.0, 5.0, 7.0], [1.0, -9.0, 4.0, 8.0]])
 REF_TARGETS = np.array([3, 1])
 REF_SOFTMAX = np.array([[2.14400878e-03, 1.58422012e-02, 1.17058913e-01, 8.64954877e-01],

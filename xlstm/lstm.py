@@ -10,7 +10,7 @@ PyTorch (layer-major, forward before reverse). Parameters per layer k and direct
 gates blocked i, f, g, o.
 
 Per layer and direction the work follows the cuDNN/haste plan (DESIGN.md at the repository root):
-    forward:  Z = X @ W + b for all T steps in one GEMM (into the gate buffer [T,B,4H]);
+    forward:  Z = X @ W for all T steps in one GEMM (into the gate buffer [T,B,4H]), + b once;
               then the backend's ``lstm_forward_sequence`` (``ln_lstm_forward_sequence``
               for the LayerNorm cell) runs the time loop: per step Z[t] += h[t-1] @ U and
               one fused pointwise step.
