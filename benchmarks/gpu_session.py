@@ -196,8 +196,10 @@ def run_session(out, parts=None, python=None, dry_run=False, total=None) -> int:
                     rc, timed_out = run_process(argv, env, grant, os.path.join(out, step.name + ".txt"))
                     secs = time.monotonic() - t1
                     note = after_step(step, out, rc, secs, timed_out, tmp, dry_run)
-                    st = "timeout" if timed_out else ("done" if rc == 0 or (step.kind == "pytest" and rc == 5)
-                                                      else "failed")
+                    st = "timeout" if timed_out else ("done" if rc == 0 else "failed")
+                    if step.kind == "pytest" and rc == 5:
+                        note = "no gpu test collected: the file's gpu tests are gone or renamed" + \
+                            (f" ({note})" if note else "")
                     if st != "done" and not note:
                         note = _last_line(os.path.join(out, step.name + ".txt"))
                     rec.update(status=st, rc=rc, seconds=round(secs, 1), note=note)

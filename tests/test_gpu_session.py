@@ -161,6 +161,17 @@ def test_steps_that_the_budget_cannot_hold_are_skipped_and_the_report_still_writ
     assert (tmp_path / "README.md").exists() and (tmp_path / "targets.txt").read_text() in capsys.readouterr().out
 
 
+def test_a_gpu_test_file_with_no_gpu_test_left_fails_its_step(tmp_path, monkeypatch):
+    """pytest's exit 5 (nothing collected) is not a pass: a file whose gpu tests were renamed away
+    would otherwise read as done in the report."""
+    step = gpu_plan.Step("tests-none", "pytest", 60, 5, args=("tests/test_data.py",), needs=())
+    monkeypatch.setattr(gpu_plan, "PARTS", (gpu_plan.Part("tests", "gpu tests", (step,)),))
+    monkeypatch.chdir(ROOT)
+    assert gpu_session.run_session(str(tmp_path), ["tests"]) == 1
+    rec = _records(tmp_path)["tests-none"]
+    assert rec["status"] == "failed" and rec["rc"] == 5 and "no gpu test collected" in rec["note"]
+
+
 # -- the report's targets ---------------------------------------------------------------------------
 def _row(H, T, B=64, **kw):
     r = dict.fromkeys(COLUMNS)
