@@ -286,3 +286,13 @@ def load_model(path: str, backend=None, warn=print) -> Run:
         raise CheckpointError(f"checkpoint {folder} does not fit its own config "
                               f"(incompatible or damaged): {e}") from None
     return Run(model.eval(), vocab, meta, folder)
+
+
+def new_run_dir(kind: str) -> str:
+    """runs/<kind>-NNN under the current directory, the first that does not exist yet (a run
+    never writes over an earlier one, nor beside a clone's committed results)."""
+    for i in range(1, 10_000):
+        d = os.path.join("runs", f"{kind}-{i:03d}")
+        if not os.path.exists(d):
+            return d
+    raise InputError(f"runs/ has 9999 {kind} runs; pass --out DIR")

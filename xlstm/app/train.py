@@ -287,14 +287,6 @@ class _Discard:
         pass
 
 
-def _new_out_dir() -> str:
-    for i in range(1, 10_000):
-        d = os.path.join("runs", f"xlstm-{i:03d}")
-        if not os.path.exists(d):
-            return d
-    raise InputError("runs/ has 9999 runs; pass --out DIR")
-
-
 def _least_chars(cfg: dict) -> str:
     """' (at least N with these sizes)': the shortest char-level corpus whose training split holds one window."""
     if cfg["level"] != "char":
@@ -333,7 +325,7 @@ def plan(args, world: int = 1, main: bool = True):
     else:
         cfg = dict(DEFAULTS)
         cfg.update(given)
-        run_dir = args.out or _new_out_dir()
+        run_dir = args.out or checkpoint.new_run_dir("xlstm")
         if checkpoint.list_checkpoints(run_dir):
             raise InputError(f"{run_dir} already holds checkpoints of a run; continue it with --resume {run_dir}, "
                              "or choose another --out")

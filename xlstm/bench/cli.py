@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 
@@ -113,13 +112,10 @@ def _warm_up_process(backends, args, torch):
 
 
 def new_run_dir() -> str:
-    """runs/bench-NNN under the current directory, the first that does not exist yet: a run never
-    writes beside committed results or over an earlier run."""
-    for i in range(1, 10_000):
-        d = os.path.join("runs", f"bench-{i:03d}")
-        if not os.path.exists(d):
-            return d
-    raise InputError("runs/ has 9999 bench runs; pass --out DIR")
+    """runs/bench-NNN under the current directory (never beside the committed results)."""
+    from ..app.checkpoint import new_run_dir as new
+
+    return new("bench")
 
 
 def _resolve_backends(spec: str):

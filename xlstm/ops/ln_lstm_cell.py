@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lstm_cell import MOD_NAMES, MODIFIERS, activate, carry, dz_ifg, dz_o_and_dCt, one_minus_k
+from .lstm_cell import (MOD_NAMES, MODIFIERS, activate, carry, carry_back, dz_ifg, dz_o_and_dCt, one_minus_k,
+                        total_dHt)
 from .spec import Arg, Kernel, OpSpec, Scalar
 
 FORWARD = OpSpec(
@@ -169,11 +170,7 @@ def numpy_backward(be, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_
     tanh_cn = be.tmp("tc", shape, dt)        # tanh(cn), recomputed from chat
     dCt = be.tmp("dc", shape, dt)            # dCnorm, then dCt
     w = be.tmp("w2", shape, dt)
-    if mask is None:
-        np.add(dy, dh_next, out=dHt)
-    else:
-        np.multiply(dy, mask[:, None], out=dHt)
-        dHt += dh_next
+    total_dHt(dy, dh_next, mask, dHt)
     one_minus_k(w, mask, zh)
     np.multiply(dHt, w, out=dHt_cell)
     one_minus_k(w, mask, zc)
@@ -192,11 +189,7 @@ def numpy_backward(be, gates, zhat, rstd, chat, rstd_c, c_prev, gain, c_gain, c_
     _acc_rows(be, dshift, dz)
     dz *= gain
     _ln_rows_backward(be, dz.reshape(B, 4, H), zhat.reshape(B, 4, H), rstd)
-    # dc_prev = kc*dc_next + dCt*f, kc*dc_next = dc_next - dc_in (dc_prev may alias dc_next)
-    np.subtract(dc_next, dc_in, out=tanh_cn)
-    np.multiply(dCt, f, out=dc_prev)
-    dc_prev += tanh_cn
-    np.subtract(dHt, dHt_cell, out=dh_skip)    # kh * dHt
+    carry_back(dCt, f, dc_next, dc_in, dHt, dHt_cell, dc_prev, dh_skip, tanh_cn)
 
 
 # -- CuPy: one thread block per row; the backward adds one ln_accumulate launch ----------------------

@@ -158,11 +158,7 @@ def numpy_backward(be, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip
     gd = be.tmp("gd", shape, dt)          # the candidate after dropout, g * gmask
     tanh_Ct = be.tmp("tc", shape, dt)     # tanh(c_new), recomputed rather than stored
     dCt = be.tmp("dc", shape, dt)
-    if mask is None:
-        np.add(dy, dh_next, out=dHt)
-    else:
-        np.multiply(dy, mask[:, None], out=dHt)
-        dHt += dh_next
+    total_dHt(dy, dh_next, mask, dHt)
     if gmask is None:
         gd[...] = g
     else:
@@ -189,11 +185,26 @@ def numpy_backward(be, gates, c_prev, dy, dh_next, dc_next, dz, dc_prev, dh_skip
         np.multiply(dCt, f, out=dc_prev)
         dh_skip[...] = 0.0
         return
-    # kc * dc_next = dc_next - (1-kc) * dc_next = dc_next - dc_in
-    np.subtract(dc_next, dc_in, out=tanh_Ct)
+    carry_back(dCt, f, dc_next, dc_in, dHt, dHt_cell, dc_prev, dh_skip, tanh_Ct)
+
+
+def total_dHt(dy, dh_next, mask, dHt):
+    """dHt = mask * dy + dh_next [B,H]: the gradient reaching h_t (mask [B] or None). Both cells."""
+    if mask is None:
+        np.add(dy, dh_next, out=dHt)
+    else:
+        np.multiply(dy, mask[:, None], out=dHt)
+        dHt += dh_next
+
+
+def carry_back(dCt, f, dc_next, dc_in, dHt, dHt_cell, dc_prev, dh_skip, tmp):
+    """The gradients passed to step t-1 around and through the cell, with zoneout/masks (both cells):
+    dc_prev = kc*dc_next + dCt*f and dh_skip = kh*dHt, where kc*dc_next = dc_next - dc_in and
+    kh*dHt = dHt - dHt_cell. dc_prev may alias dc_next and dh_skip dh_next; tmp [B,H] is scratch."""
+    np.subtract(dc_next, dc_in, out=tmp)
     np.multiply(dCt, f, out=dc_prev)
-    dc_prev += tanh_Ct
-    np.subtract(dHt, dHt_cell, out=dh_skip)            # kh * dHt = dHt - (1-kh) * dHt
+    dc_prev += tmp
+    np.subtract(dHt, dHt_cell, out=dh_skip)
 
 
 def dz_o_and_dCt(be, dHt_cell, tanh_c, o, dc_in, dz_o, dCt):
